@@ -1,0 +1,1 @@
+"""One chat turn: context -> provider -> persist -> SSE events."""

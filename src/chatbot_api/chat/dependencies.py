@@ -1,0 +1,24 @@
+"""Dependencies of the chat routes: the turn manager and the provider built in the lifespan."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from chatbot_api.chat.turns import TurnManager
+from chatbot_api.llm.base import Provider
+
+
+def _turns(request: Request) -> TurnManager:
+    turns: TurnManager = request.app.state.turns
+    return turns
+
+
+def _provider(request: Request) -> Provider:
+    provider: Provider = request.app.state.provider
+    return provider
+
+
+TurnsDep = Annotated[TurnManager, Depends(_turns)]
+ProviderDep = Annotated[Provider, Depends(_provider)]

@@ -1,0 +1,91 @@
+"""The `chatbot-api` command: `serve` and `migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from chatbot_api.config import Settings, default_workers
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _migrate(settings: Settings) -> None:
+    from chatbot_api import migrate
+
+    migrate.upgrade(settings.db.url)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = Settings()
+    _configure_logging(settings.log_level)
+    if args.migrate:
+        _migrate(settings)
+    workers = args.workers
+    if workers is None:
+        # SQLite has one writer: more processes only add lock contention.
+        workers = 1 if settings.db.is_sqlite else default_workers()
+    uvicorn.run(
+        "chatbot_api.main:app_factory",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+        proxy_headers=args.proxy_headers,
+        timeout_graceful_shutdown=args.graceful_timeout,
+    )
+    return 0
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    settings = Settings()
+    _configure_logging(settings.log_level)
+    _migrate(settings)
+    logging.getLogger(__name__).info("database schema is up to date")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatbot-api", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the API (applies pending migrations first)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers", type=int, default=None, help="processes (default: 1 on SQLite, else cores)"
+    )
+    serve.add_argument(
+        "--migrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="apply pending migrations before serving (--no-migrate for multi-replica deploys)",
+    )
+    serve.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-* headers")
+    serve.add_argument(
+        "--graceful-timeout", type=int, default=30, help="seconds to let open streams finish"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="upgrade the database schema to the latest version")
+    migrate.set_defaults(handler=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = args.handler
+    result: int = handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

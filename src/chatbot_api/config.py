@@ -1,0 +1,175 @@
+"""Settings: one `Settings` object with nested groups, read from the environment and `.env`.
+
+The variable names of the original spec are kept (`DATABASE_URL`, `GROQ_API_KEY`,
+`LLM_PROVIDER`, `LLM_BASE_URL`, `LLM_API_KEY`, `LLM_MODEL`, `PROJECT_NAME`); every other
+setting has a safe default. Tests build `Settings(...)` directly and pass it to
+`create_app()`, so nothing here is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chatbot_api.llm.base import Timeouts
+
+GROQ_BASE_URL = "https://api.groq.com/openai/v1"
+GROQ_DEFAULT_MODEL = "llama-3.3-70b-versatile"
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
+
+ProviderName = Literal["local", "groq", "openai"]
+
+
+def _group(prefix: str = "") -> SettingsConfigDict:
+    return SettingsConfigDict(
+        env_prefix=prefix,
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+
+def normalise_database_url(url: str) -> str:
+    """Accept the plain `postgres://` / `postgresql://` URLs that Railway and Heroku hand out."""
+    for plain in ("postgres://", "postgresql://"):
+        if url.startswith(plain):
+            return "postgresql+asyncpg://" + url[len(plain) :]
+    if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://") :]
+    return url
+
+
+class DatabaseSettings(BaseSettings):
+    model_config = _group("DB_")
+
+    url: str = Field(
+        default="sqlite+aiosqlite:///./chatbot.db",
+        validation_alias=AliasChoices("DATABASE_URL", "DB_URL"),
+    )
+    pool_size: int = Field(5, ge=1)
+    max_overflow: int = Field(5, ge=0)
+    pool_timeout: float = Field(5.0, gt=0, description="Seconds to wait for a pooled connection.")
+    connect_timeout: float = Field(5.0, gt=0)
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _normalise(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+
+class LLMSettings(BaseSettings):
+    model_config = _group("LLM_")
+
+    provider: ProviderName | None = None
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    model: str | None = None
+    groq_api_key: SecretStr | None = Field(default=None, validation_alias="GROQ_API_KEY")
+    context_window: int | None = Field(None, ge=256, description="Override the model's window.")
+    max_tokens: int = Field(1024, ge=1, description="Room kept for the reply, and its cap.")
+    temperature: float | None = Field(None, ge=0, le=2)
+    connect_timeout: float = Field(10.0, gt=0)
+    first_token_timeout: float = Field(60.0, gt=0)
+    idle_timeout: float = Field(30.0, gt=0)
+    total_timeout: float = Field(300.0, gt=0)
+    local_n_ctx: int = Field(8192, ge=512)
+    local_n_threads: int | None = Field(None, ge=1)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return Timeouts(
+            connect=self.connect_timeout,
+            first_token=self.first_token_timeout,
+            idle=self.idle_timeout,
+            total=self.total_timeout,
+        )
+
+    def resolve(self) -> ResolvedProvider:
+        """Which provider to build: an explicit `LLM_PROVIDER` wins, then a Groq key, then a
+        custom `LLM_BASE_URL` (an OpenAI-compatible server), then the embedded model, so the
+        service answers with zero configuration."""
+        kind: ProviderName
+        if self.provider is not None:
+            kind = self.provider
+        elif self.groq_api_key is not None:
+            kind = "groq"
+        elif self.base_url is not None:
+            kind = "openai"
+        else:
+            kind = "local"
+        if kind == "local":
+            return ResolvedProvider("local", None, None, self.model or "SmolLM2-135M-Instruct")
+        key = self.api_key or (self.groq_api_key if kind == "groq" else None)
+        default_url, default_model = (
+            (GROQ_BASE_URL, GROQ_DEFAULT_MODEL)
+            if kind == "groq"
+            else (OPENAI_BASE_URL, OPENAI_DEFAULT_MODEL)
+        )
+        return ResolvedProvider(
+            kind, (self.base_url or default_url).rstrip("/"), key, self.model or default_model
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedProvider:
+    kind: ProviderName
+    base_url: str | None
+    api_key: SecretStr | None
+    model: str
+
+
+class LimitSettings(BaseSettings):
+    model_config = _group("LIMITS_")
+
+    max_message_chars: int = Field(
+        default=32_000,
+        ge=1,
+        validation_alias=AliasChoices("MAX_MESSAGE_CHARS", "LIMITS_MAX_MESSAGE_CHARS"),
+    )
+    max_body_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        validation_alias=AliasChoices("MAX_BODY_BYTES", "LIMITS_MAX_BODY_BYTES"),
+    )
+    busy_lease_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="How long a conversation stays claimed by a turn whose process died.",
+    )
+
+
+class Settings(BaseSettings):
+    model_config = _group()
+
+    project_name: str = Field(default="AI Chatbot API", validation_alias="PROJECT_NAME")
+    environment: Literal["development", "production", "test"] = Field(
+        default="development", validation_alias=AliasChoices("ENVIRONMENT", "APP_ENV")
+    )
+    log_level: str = Field(default="INFO", validation_alias="LOG_LEVEL")
+    docs_enabled: bool = Field(default=True, validation_alias="DOCS_ENABLED")
+    default_system_prompt: str = Field(
+        default=(
+            "You are a helpful, concise assistant. "
+            "Always answer in the language the user writes in."
+        ),
+        validation_alias="DEFAULT_SYSTEM_PROMPT",
+    )
+    db: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)

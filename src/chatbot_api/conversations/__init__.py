@@ -1,0 +1,1 @@
+"""Conversations and their messages: storage, schemas, service and routes."""

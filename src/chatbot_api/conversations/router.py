@@ -1,0 +1,97 @@
+"""Routes for conversations and their stored messages. Sending a message is in `chat/`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response, status
+
+from chatbot_api.conversations import service
+from chatbot_api.conversations.dependencies import ConversationDep, PageDep
+from chatbot_api.conversations.models import Conversation, Message
+from chatbot_api.conversations.schemas import (
+    ConversationCreate,
+    ConversationOut,
+    ConversationUpdate,
+    MessageOut,
+    Page,
+)
+from chatbot_api.db import SessionDep
+from chatbot_api.errors import error_envelope
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {
+        "description": "No such conversation.",
+        "content": {
+            "application/json": {"example": error_envelope("not_found", "Conversation not found.")}
+        },
+    }
+}
+
+router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
+
+
+def conversation_out(conversation: Conversation) -> ConversationOut:
+    return ConversationOut(
+        id=conversation.id,
+        title=conversation.title,
+        system_prompt=conversation.system_prompt,
+        metadata=conversation.meta,
+        created_at=conversation.created_at,
+        updated_at=conversation.updated_at,
+    )
+
+
+def message_out(message: Message) -> MessageOut:
+    return MessageOut.model_validate(message, from_attributes=True)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ConversationOut)
+async def create_conversation(
+    session: SessionDep, body: ConversationCreate | None = None
+) -> ConversationOut:
+    body = body or ConversationCreate()
+    conversation = await service.create_conversation(
+        session, title=body.title, system_prompt=body.system_prompt, metadata=body.metadata
+    )
+    return conversation_out(conversation)
+
+
+@router.get("", response_model=Page[ConversationOut])
+async def list_conversations(session: SessionDep, page: PageDep) -> Page[ConversationOut]:
+    rows, cursor = await service.list_conversations(session, limit=page.limit, after=page.after)
+    return Page(
+        data=[conversation_out(c) for c in rows], has_more=cursor is not None, next_cursor=cursor
+    )
+
+
+@router.get("/{conversation_id}", response_model=ConversationOut, responses=NOT_FOUND)
+async def get_conversation(conversation: ConversationDep) -> ConversationOut:
+    return conversation_out(conversation)
+
+
+@router.patch("/{conversation_id}", response_model=ConversationOut, responses=NOT_FOUND)
+async def update_conversation(
+    session: SessionDep, conversation: ConversationDep, body: ConversationUpdate
+) -> ConversationOut:
+    changes = body.model_dump(exclude_unset=True)
+    updated = await service.update_conversation(session, conversation, **changes)
+    return conversation_out(updated)
+
+
+@router.delete("/{conversation_id}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
+async def delete_conversation(session: SessionDep, conversation: ConversationDep) -> Response:
+    await service.delete_conversation(session, conversation)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{conversation_id}/messages", response_model=Page[MessageOut], responses=NOT_FOUND)
+async def list_messages(
+    session: SessionDep, conversation: ConversationDep, page: PageDep
+) -> Page[MessageOut]:
+    rows, cursor = await service.list_messages(
+        session, conversation.id, limit=page.limit, after=page.after
+    )
+    return Page(
+        data=[message_out(m) for m in rows], has_more=cursor is not None, next_cursor=cursor
+    )

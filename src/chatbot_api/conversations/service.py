@@ -1,0 +1,135 @@
+"""Conversation and message storage. Functions take the session first and never commit: the
+caller's unit of work does (`SessionDep` for requests, `chat.service` for turns)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chatbot_api.conversations.models import Conversation, Message
+from chatbot_api.errors import InvalidRequest, NotFound
+
+_UNSET: Any = object()
+
+
+def _encode_cursor(*parts: str) -> str:
+    return base64.urlsafe_b64encode("|".join(parts).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, n: int) -> list[str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest("`after` is not a valid cursor.") from None
+    parts = raw.split("|")
+    if len(parts) != n:
+        raise InvalidRequest("`after` is not a valid cursor.")
+    return parts
+
+
+def conversation_not_found() -> NotFound:
+    return NotFound("Conversation not found.")
+
+
+async def create_conversation(
+    session: AsyncSession,
+    *,
+    title: str | None = None,
+    system_prompt: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Conversation:
+    conversation = Conversation(title=title, system_prompt=system_prompt, meta=metadata)
+    session.add(conversation)
+    await session.flush()
+    return conversation
+
+
+async def get_conversation(session: AsyncSession, conversation_id: uuid.UUID) -> Conversation:
+    """The conversation, or `NotFound`."""
+    conversation = await session.get(Conversation, conversation_id)
+    if conversation is None:
+        raise conversation_not_found()
+    return conversation
+
+
+async def list_conversations(
+    session: AsyncSession, *, limit: int, after: str | None
+) -> tuple[Sequence[Conversation], str | None]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    query = select(Conversation).order_by(Conversation.created_at.desc(), Conversation.id.desc())
+    if after is not None:
+        created_raw, id_raw = _decode_cursor(after, 2)
+        try:
+            created_at, last_id = datetime.fromisoformat(created_raw), uuid.UUID(id_raw)
+        except ValueError:
+            raise InvalidRequest("`after` is not a valid cursor.") from None
+        query = query.where(
+            or_(
+                Conversation.created_at < created_at,
+                and_(Conversation.created_at == created_at, Conversation.id < last_id),
+            )
+        )
+    rows = (await session.scalars(query.limit(limit + 1))).all()
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], _encode_cursor(last.created_at.isoformat(), str(last.id))
+
+
+async def update_conversation(
+    session: AsyncSession,
+    conversation: Conversation,
+    *,
+    title: str | None = _UNSET,
+    system_prompt: str | None = _UNSET,
+    metadata: dict[str, Any] | None = _UNSET,
+) -> Conversation:
+    """Change the fields that were given; `None` clears a field."""
+    if title is not _UNSET:
+        conversation.title = title
+    if system_prompt is not _UNSET:
+        conversation.system_prompt = system_prompt
+    if metadata is not _UNSET:
+        conversation.meta = metadata
+    await session.flush()
+    await session.refresh(conversation)
+    return conversation
+
+
+async def delete_conversation(session: AsyncSession, conversation: Conversation) -> None:
+    """Delete the conversation and, explicitly, its messages (no reliance on ON DELETE
+    CASCADE being enforced by the backend)."""
+    await session.execute(delete(Message).where(Message.conversation_id == conversation.id))
+    await session.execute(delete(Conversation).where(Conversation.id == conversation.id))
+
+
+async def list_messages(
+    session: AsyncSession, conversation_id: uuid.UUID, *, limit: int, after: str | None
+) -> tuple[Sequence[Message], str | None]:
+    """Oldest first, keyset-paginated on the sequence number."""
+    query = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.seq)
+    if after is not None:
+        (seq_raw,) = _decode_cursor(after, 1)
+        if not seq_raw.isdigit():
+            raise InvalidRequest("`after` is not a valid cursor.")
+        query = query.where(Message.seq > int(seq_raw))
+    rows = (await session.scalars(query.limit(limit + 1))).all()
+    if len(rows) <= limit:
+        return rows, None
+    return rows[:limit], _encode_cursor(str(rows[limit - 1].seq))
+
+
+async def get_message(
+    session: AsyncSession, conversation_id: uuid.UUID, message_id: uuid.UUID
+) -> Message:
+    message = await session.get(Message, message_id)
+    if message is None or message.conversation_id != conversation_id:
+        raise NotFound("Message not found.")
+    return message

@@ -1,0 +1,214 @@
+"""The application's error tree and the one handler that renders every error.
+
+    AppError                         status  code
+    ├── NotFound                     404     not_found
+    ├── ConversationBusy             409     conversation_busy     (+ Retry-After)
+    ├── InvalidRequest               422     invalid_request
+    │   └── ContextTooLong           422     context_length_exceeded
+    ├── PayloadTooLarge              413     payload_too_large
+    ├── ServiceUnavailable           503     service_unavailable   (+ Retry-After)
+    │   └── DatabaseUnavailable      503     database_unavailable
+    │       └── ReplyNotStored       503     reply_not_stored
+    └── UpstreamError                502/503/504, from a ProviderError (see `from_provider`)
+
+Every response body is one envelope:
+
+    {"error": {"code": "not_found", "message": "...", "details": [...]?}}
+
+FastAPI's own 404/405/422 and unhandled exceptions (500, `internal_error`) are rendered in
+the same envelope. A 500 never shows a traceback; the exception is logged server-side.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatbot_api.llm import errors as llm_errors
+
+logger = logging.getLogger(__name__)
+
+
+class AppError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        details: list[Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.details = details
+
+    def envelope(self) -> dict[str, Any]:
+        return error_envelope(self.code, self.message, self.details)
+
+
+class NotFound(AppError):
+    status_code = 404
+    code = "not_found"
+
+
+class ConversationBusy(AppError):
+    status_code = 409
+    code = "conversation_busy"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(
+            "A reply is being generated in this conversation; retry when it has finished.",
+            headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+        )
+
+
+class InvalidRequest(AppError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class ContextTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class PayloadTooLarge(AppError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(AppError):
+    status_code = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+
+
+class ReplyNotStored(DatabaseUnavailable):
+    code = "reply_not_stored"
+
+
+class UpstreamError(AppError):
+    """A provider failure, with the status and code that fit it."""
+
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.status_code = status_code
+        self.code = code
+
+    @classmethod
+    def from_provider(cls, exc: llm_errors.ProviderError) -> UpstreamError:
+        headers: dict[str, str] = {}
+        if isinstance(exc, llm_errors.ProviderRateLimited):
+            if exc.retry_after is not None:
+                headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            return cls(503, "upstream_rate_limited", exc.message, headers)
+        if isinstance(exc, llm_errors.ProviderUnavailable):
+            return cls(503, "upstream_unavailable", exc.message, {"Retry-After": "1"})
+        if isinstance(exc, llm_errors.ProviderTimeout):
+            return cls(504, "upstream_timeout", exc.message, headers)
+        if isinstance(exc, llm_errors.ProviderAuthError):
+            return cls(502, "upstream_auth_failed", exc.message, headers)
+        if isinstance(exc, llm_errors.ProviderRequestRejected):
+            return cls(502, "upstream_rejected", exc.message, headers)
+        if isinstance(exc, llm_errors.ProviderBadResponse):
+            return cls(502, "upstream_bad_response", exc.message, headers)
+        return cls(502, "upstream_error", exc.message, headers)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+def error_envelope(code: str, message: str, details: list[Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return {"error": body}
+
+
+def _render(
+    status: int, envelope: dict[str, Any], headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(envelope, status_code=status, headers=headers)
+
+
+async def _app_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)
+    return _render(exc.status_code, exc.envelope(), exc.headers)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+    if exc.status_code == 404 and message == "Not Found":
+        message = "No such resource."
+    return _render(exc.status_code, error_envelope(code, message), dict(exc.headers or {}))
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+        for err in exc.errors()
+    ]
+    return _render(
+        422,
+        error_envelope("validation_error", "The request is invalid.", jsonable_encoder(details)),
+    )
+
+
+async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+    # Pool exhausted, connection refused or lost, SQLite "database is locked": all transient.
+    logger.warning("database unavailable: %s", type(exc).__name__)
+    return _app_error_response(DatabaseUnavailable("The database is unavailable; retry shortly."))
+
+
+def _app_error_response(exc: AppError) -> JSONResponse:
+    return _render(exc.status_code, exc.envelope(), exc.headers)
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _render(500, error_envelope("internal_error", "An internal error occurred."))
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    if isinstance(exc, PoolTimeoutError | OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(PoolTimeoutError, _database_error)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,105 @@
+"""The application factory. `create_app(settings)` and its lifespan own every resource: the
+engine, the sessionmaker, the provider and the turn manager. Nothing connects or loads at
+import time; `app_factory()` is what `chatbot-api serve` hands to uvicorn.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from chatbot_api import __version__
+from chatbot_api.chat.router import router as chat_router
+from chatbot_api.chat.turns import TurnManager
+from chatbot_api.config import Settings
+from chatbot_api.conversations.router import router as conversations_router
+from chatbot_api.db import create_engine, create_sessionmaker
+from chatbot_api.errors import install_error_handlers
+from chatbot_api.health import router as health_router
+from chatbot_api.llm.base import Provider
+from chatbot_api.middleware import BodySizeLimit
+
+logger = logging.getLogger(__name__)
+
+# Context windows of the default hosted models, used unless LLM_CONTEXT_WINDOW is set.
+GROQ_CONTEXT_WINDOW = 131_072
+OPENAI_CONTEXT_WINDOW = 128_000
+SHUTDOWN_GRACE = 20.0
+
+
+def build_provider(settings: Settings) -> Provider:
+    llm = settings.llm
+    resolved = llm.resolve()
+    if resolved.kind == "local":
+        from chatbot_api.llm.local import LocalProvider
+
+        return LocalProvider(
+            n_ctx=llm.context_window or llm.local_n_ctx,
+            n_threads=llm.local_n_threads,
+            model_name=resolved.model,
+            timeouts=llm.timeouts,
+        )
+    from chatbot_api.llm.openai_compat import OpenAICompatProvider
+
+    assert resolved.base_url is not None
+    default_window = GROQ_CONTEXT_WINDOW if resolved.kind == "groq" else OPENAI_CONTEXT_WINDOW
+    return OpenAICompatProvider(
+        name=resolved.kind,
+        base_url=resolved.base_url,
+        api_key=resolved.api_key.get_secret_value() if resolved.api_key else None,
+        model=resolved.model,
+        context_window=llm.context_window or default_window,
+        timeouts=llm.timeouts,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.db)
+        provider = build_provider(settings)
+        await provider.start()
+        sessionmaker = create_sessionmaker(engine)
+        turns = TurnManager(sessionmaker=sessionmaker, provider=provider, settings=settings)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.sessionmaker = sessionmaker
+        app.state.provider = provider
+        app.state.turns = turns
+        app.state.shutting_down = False
+        logger.info("serving with provider=%s model=%s", provider.name, provider.model)
+        try:
+            yield
+        finally:
+            # Order: stop advertising readiness, let running turns store their replies, then
+            # close the provider and the pool they were using.
+            app.state.shutting_down = True
+            await turns.drain(SHUTDOWN_GRACE)
+            await provider.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title=settings.project_name,
+        version=__version__,
+        description="REST + Server-Sent Events API for LLM chatbots with persistent memory.",
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+    )
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(conversations_router)
+    app.include_router(chat_router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """Entry point for uvicorn (`--factory`): settings from the environment and `.env`."""
+    return create_app(Settings())

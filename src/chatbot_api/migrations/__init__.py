@@ -1,0 +1,1 @@
+"""Alembic migrations, shipped inside the package so `chatbot-api migrate` works from a wheel."""

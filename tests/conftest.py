@@ -1,0 +1,185 @@
+"""Shared fixtures: migrated databases (SQLite and PostgreSQL), the fake LLM, the app and an
+HTTP client on it.
+
+Every test that uses `db_url` (directly or through `app`/`client`) runs once per database.
+PostgreSQL is required: when it is unreachable these tests fail, they never skip. The schema
+is created by Alembic, so migrations are exercised on every run; rows are deleted after each
+test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from chatbot_api import migrate
+from chatbot_api.config import DatabaseSettings, LimitSettings, LLMSettings, Settings
+from chatbot_api.main import create_app
+from chatbot_api.testing.fake_llm import FakeLLM
+
+PG_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+PG_TEST_DB = f"chatbot_test_{os.getpid()}"
+FAKE_KEY = "sk-test-fake-0123456789"
+
+
+def _pg_url(database: str) -> str:
+    base = PG_SERVER.rsplit("/", 1)[0]
+    return f"{base}/{database}"
+
+
+async def _recreate_pg_database(name: str) -> None:
+    connection = await asyncpg.connect(PG_SERVER, timeout=5)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+
+
+async def _drop_pg_database(name: str) -> None:
+    connection = await asyncpg.connect(PG_SERVER, timeout=5)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    try:
+        asyncio.run(_recreate_pg_database(PG_TEST_DB))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"PostgreSQL is required at {PG_SERVER}: {exc}")
+    url = "postgresql+asyncpg://" + _pg_url(PG_TEST_DB).split("://", 1)[1]
+    migrate.upgrade(url)
+    yield url
+    asyncio.run(_drop_pg_database(PG_TEST_DB))
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path: Path = tmp_path_factory.mktemp("db") / "chatbot.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    """A direct engine on the test database, for assertions; it empties the tables after."""
+    engine = create_async_engine(db_url)
+    yield engine
+    async with engine.begin() as connection:
+        await connection.execute(text("DELETE FROM messages"))
+        await connection.execute(text("DELETE FROM conversations"))
+    await engine.dispose()
+
+
+@pytest.fixture
+async def fake_llm() -> AsyncIterator[FakeLLM]:
+    async with FakeLLM() as fake:
+        yield fake
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(db_url: str, fake_llm: FakeLLM) -> SettingsFactory:
+    """Settings for the test database and the fake provider; keyword groups override."""
+
+    def factory(
+        *, llm: dict[str, Any] | None = None, limits: dict[str, Any] | None = None, **top: Any
+    ) -> Settings:
+        llm_values: dict[str, Any] = {
+            "provider": "openai",
+            "base_url": fake_llm.base_url,
+            "api_key": FAKE_KEY,
+            "model": "fake-model",
+            "first_token_timeout": 5.0,
+            "idle_timeout": 5.0,
+            "total_timeout": 20.0,
+        }
+        llm_values.update(llm or {})
+        return Settings(
+            _env_file=None,
+            environment="test",
+            db=DatabaseSettings(_env_file=None, url=db_url),
+            llm=LLMSettings(_env_file=None, **llm_values),
+            limits=LimitSettings(_env_file=None, **(limits or {})),
+            **top,
+        )
+
+    return factory
+
+
+AppFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def app_factory(
+    make_settings: SettingsFactory, engine: AsyncEngine
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start apps (lifespan included) with custom settings; all are shut down after the test."""
+    stack: list[Any] = []
+
+    async def start(**overrides: Any) -> FastAPI:
+        app = create_app(make_settings(**overrides))
+        context = app.router.lifespan_context(app)
+        await context.__aenter__()
+        stack.append(context)
+        return app
+
+    yield start
+    for context in reversed(stack):
+        await context.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def app(app_factory: Callable[..., Any]) -> FastAPI:
+    created: FastAPI = await app_factory()
+    return created
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver", timeout=30
+    )
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(app) as http:
+        yield http
+
+
+async def create_conversation(client: httpx.AsyncClient, **body: Any) -> str:
+    response = await client.post("/api/v1/conversations", json=body or None)
+    assert response.status_code == 201, response.text
+    conversation_id: str = response.json()["id"]
+    uuid.UUID(conversation_id)
+    return conversation_id
+
+
+async def count_rows(engine: AsyncEngine, table: str) -> int:
+    async with engine.connect() as connection:
+        value = await connection.scalar(text(f"SELECT count(*) FROM {table}"))
+    return int(value or 0)

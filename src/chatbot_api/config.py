@@ -29,6 +29,7 @@ def _group(prefix: str = "") -> SettingsConfigDict:
     return SettingsConfigDict(
         env_prefix=prefix,
         env_file=".env",
+        env_ignore_empty=True,
         extra="ignore",
         frozen=True,
         validate_by_name=True,
@@ -139,7 +140,7 @@ class LimitSettings(BaseSettings):
         validation_alias=AliasChoices("MAX_MESSAGE_CHARS", "LIMITS_MAX_MESSAGE_CHARS"),
     )
     max_body_bytes: int = Field(
-        default=256 * 1024,
+        default=512 * 1024,
         ge=1024,
         validation_alias=AliasChoices("MAX_BODY_BYTES", "LIMITS_MAX_BODY_BYTES"),
     )

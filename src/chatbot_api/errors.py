@@ -4,6 +4,7 @@
     ├── NotFound                     404     not_found
     ├── ConversationBusy             409     conversation_busy     (+ Retry-After)
     ├── InvalidRequest               422     invalid_request
+    │   ├── MessageTooLong           422     message_too_long
     │   └── ContextTooLong           422     context_length_exceeded
     ├── PayloadTooLarge              413     payload_too_large
     ├── ServiceUnavailable           503     service_unavailable   (+ Retry-After)
@@ -77,6 +78,10 @@ class ConversationBusy(AppError):
 class InvalidRequest(AppError):
     status_code = 422
     code = "invalid_request"
+
+
+class MessageTooLong(InvalidRequest):
+    code = "message_too_long"
 
 
 class ContextTooLong(InvalidRequest):

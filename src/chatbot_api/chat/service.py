@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Row, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot_api.conversations import service as conversations
@@ -31,6 +31,8 @@ CONTEXT_STATUSES = (MessageStatus.COMPLETED, MessageStatus.INCOMPLETE, MessageSt
 # The first history read usually covers the whole window; later ones widen geometrically.
 FIRST_BATCH = 64
 MAX_BATCH = 1024
+# A conversation released between the claim and the busy check is claimed again.
+CLAIM_ATTEMPTS = 3
 # Tokens the chat template spends around the whole prompt (BOS, assistant header).
 PROMPT_OVERHEAD = 8
 
@@ -75,24 +77,7 @@ async def begin_turn(
     room for the reply. Any of these rolls the transaction back, so nothing is stored.
     """
     now = now or utcnow()
-    claimed = (
-        await session.execute(
-            update(Conversation)
-            .where(
-                Conversation.id == conversation_id,
-                (Conversation.busy_until.is_(None)) | (Conversation.busy_until < now),
-            )
-            .values(next_seq=Conversation.next_seq + 2, busy_until=now + lease, updated_at=now)
-            .returning(Conversation.next_seq, Conversation.system_prompt)
-        )
-    ).first()
-    if claimed is None:
-        busy_until = await session.scalar(
-            select(Conversation.busy_until).where(Conversation.id == conversation_id)
-        )
-        if busy_until is None:
-            raise conversations.conversation_not_found()
-        raise ConversationBusy(retry_after=min(5.0, max(1.0, (busy_until - now).total_seconds())))
+    claimed = await _claim(session, conversation_id, now=now, lease=lease)
     claim_seq: int = claimed.next_seq
     user_seq = claim_seq - 2
     system_prompt: str = claimed.system_prompt or default_system_prompt
@@ -154,6 +139,39 @@ async def begin_turn(
     )
 
 
+async def _claim(
+    session: AsyncSession, conversation_id: uuid.UUID, *, now: datetime, lease: timedelta
+) -> Row[int, str | None]:
+    """Take the conversation for this turn and allocate two sequence numbers, atomically."""
+    claim = (
+        update(Conversation)
+        .where(
+            Conversation.id == conversation_id,
+            (Conversation.busy_until.is_(None)) | (Conversation.busy_until < now),
+        )
+        .values(next_seq=Conversation.next_seq + 2, busy_until=now + lease, updated_at=now)
+        .returning(Conversation.next_seq, Conversation.system_prompt)
+    )
+    for _ in range(CLAIM_ATTEMPTS):
+        claimed = (await session.execute(claim)).first()
+        if claimed is not None:
+            return claimed
+        found = (
+            await session.execute(
+                select(Conversation.busy_until).where(Conversation.id == conversation_id)
+            )
+        ).first()
+        if found is None:
+            raise conversations.conversation_not_found()
+        busy_until = found.busy_until
+        if busy_until is not None and busy_until >= now:
+            raise ConversationBusy(
+                retry_after=min(5.0, max(1.0, (busy_until - now).total_seconds()))
+            )
+        # Released between our UPDATE and this read: the conversation is free, claim again.
+    raise ConversationBusy(retry_after=1.0)
+
+
 async def _read_history(
     session: AsyncSession,
     conversation_id: uuid.UUID,
@@ -164,11 +182,13 @@ async def _read_history(
 ) -> tuple[list[ChatMessage], int]:
     """The most recent messages that fit in `room` tokens, oldest first.
 
-    Reads newest-first in batches and stops at the first message that does not fit, so the
-    rows read never exceed what fits plus one batch, however long the conversation is.
+    Reads newest-first and stops at the first message that does not fit. After the first
+    batch, the next one is sized from the average cost seen so far, so the rows read stay
+    close to what fits, however long the conversation is.
     """
     newest_first: list[ChatMessage] = []
     used = 0
+    seen = 0
     batch = FIRST_BATCH
     cursor = before_seq
     while True:
@@ -190,6 +210,7 @@ async def _read_history(
                 newest_first.reverse()
                 return newest_first, used
             cursor = seq
+            seen += 1
             if content:
                 newest_first.append(
                     ChatMessage("assistant" if role == MessageRole.ASSISTANT else "user", content)
@@ -198,7 +219,8 @@ async def _read_history(
         if len(rows) < batch:
             newest_first.reverse()
             return newest_first, used
-        batch = min(batch * 4, MAX_BATCH)
+        average = max(1.0, used / max(1, seen))
+        batch = max(16, min(MAX_BATCH, int((room - used) / average * 1.2) + 8))
 
 
 async def finish_turn(

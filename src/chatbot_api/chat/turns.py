@@ -33,7 +33,13 @@ from chatbot_api.chat.schemas import ChatResponse, MessageCreated, MessageDelta,
 from chatbot_api.config import Settings
 from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.conversations.schemas import Usage as UsageOut
-from chatbot_api.errors import AppError, ReplyNotStored, UpstreamError, is_transient_db_error
+from chatbot_api.errors import (
+    AppError,
+    MessageTooLong,
+    ReplyNotStored,
+    UpstreamError,
+    is_transient_db_error,
+)
 from chatbot_api.llm.base import Finish, GenerationOptions, Provider, TextDelta, Usage
 from chatbot_api.llm.errors import ProviderError, ProviderUnavailable
 
@@ -107,6 +113,9 @@ class TurnManager:
         return len(self._tasks)
 
     async def start(self, conversation_id: uuid.UUID, text: str) -> Turn:
+        limit = self._settings.limits.max_message_chars
+        if len(text) > limit:
+            raise MessageTooLong(f"The message is over the limit of {limit} characters.")
         provider = self._provider
         budget = service.TokenBudget(
             context_window=provider.context_window,

@@ -1,0 +1,123 @@
+"""Building the context: the window is respected, the system prompt and the new message are
+always kept, and a very long conversation costs no more history reads than fit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import event, insert, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatbot_api.conversations.models import Conversation, Message
+from chatbot_api.testing.fake_llm import FakeLLM, Script
+from tests.chat.helpers import messages, send
+from tests.conftest import client_for, count_rows, create_conversation
+
+WINDOW = 4096
+REPLY_ROOM = 512
+
+
+async def _seed_history(engine: AsyncEngine, conversation_id: str, count: int) -> None:
+    """`count` completed messages, alternating user/assistant, written straight to the DB."""
+    now = datetime.now(UTC)
+    cid = uuid.UUID(conversation_id)
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "conversation_id": cid,
+            "seq": seq,
+            "role": "user" if seq % 2 else "assistant",
+            "content": f"message number {seq} about nothing in particular",
+            "status": "completed",
+            "token_count": 12,
+            "created_at": now,
+        }
+        for seq in range(1, count + 1)
+    ]
+    async with engine.begin() as connection:
+        for start in range(0, len(rows), 2000):
+            await connection.execute(insert(Message), rows[start : start + 2000])
+        await connection.execute(
+            update(Conversation).where(Conversation.id == cid).values(next_seq=count + 1)
+        )
+
+
+def _history_limits(app: FastAPI) -> list[int]:
+    """Record the LIMIT of every history read the app makes."""
+    limits: list[int] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if "FROM messages" in statement and "ORDER BY messages.seq DESC" in statement:
+            values = list(params.values()) if isinstance(params, dict) else list(params)
+            # The integer parameters are the seq cursor, then the LIMIT.
+            ints = [v for v in values if type(v) is int]
+            limits.append(ints[-1])
+
+    event.listen(app.state.engine.sync_engine, "before_cursor_execute", before)
+    return limits
+
+
+class TestContextWindow:
+    async def test_oldest_turns_are_dropped_and_system_and_new_message_kept(
+        self, app_factory: Callable[..., Any], fake_llm: FakeLLM
+    ) -> None:
+        app = await app_factory(llm={"context_window": 600, "max_tokens": 200})
+        fake_llm.default = Script(reply="short answer")
+        async with client_for(app) as client:
+            conversation_id = await create_conversation(client, system_prompt="Be brief.")
+            for i in range(12):
+                response = await send(client, conversation_id, f"turn {i}: " + "word " * 30)
+                assert response.status_code == 200
+
+            last = fake_llm.messages(len(fake_llm.requests) - 1)
+
+        assert last[0] == {"role": "system", "content": "Be brief."}
+        assert last[-1]["content"].startswith("turn 11:")
+        history = last[1:-1]
+        assert 0 < len(history) < 22
+        # The history kept is the most recent, contiguous suffix.
+        assert history[-1] == {"role": "assistant", "content": "short answer"}
+        assert history[-2]["content"].startswith("turn 10:")
+        kept_turns = [m["content"].split(":")[0] for m in history if m["role"] == "user"]
+        expected = [f"turn {i}" for i in range(11 - len(kept_turns), 11)]
+        assert kept_turns == expected
+
+    async def test_message_that_cannot_fit_is_rejected_and_nothing_stored(
+        self, app_factory: Callable[..., Any], fake_llm: FakeLLM, engine: AsyncEngine
+    ) -> None:
+        app = await app_factory(llm={"context_window": 300, "max_tokens": 100})
+        async with client_for(app) as client:
+            conversation_id = await create_conversation(client)
+            response = await send(client, conversation_id, "lorem ipsum " * 200)
+
+        assert response.status_code == 422
+        assert response.json()["error"]["code"] == "context_length_exceeded"
+        assert await count_rows(engine, "messages") == 0
+        assert fake_llm.requests == []
+
+
+class TestLongConversation:
+    async def test_ten_thousand_messages_read_only_what_fits(
+        self, app_factory: Callable[..., Any], fake_llm: FakeLLM, engine: AsyncEngine
+    ) -> None:
+        app = await app_factory(llm={"context_window": WINDOW, "max_tokens": REPLY_ROOM})
+        async with client_for(app) as client:
+            conversation_id = await create_conversation(client)
+            await _seed_history(engine, conversation_id, 10_000)
+            limits = _history_limits(app)
+
+            response = await send(client, conversation_id, "what did we talk about?")
+
+            assert response.status_code == 200, response.text
+            sent = fake_llm.messages(0)
+            fit = len(sent) - 2
+            assert 100 < fit < 400
+            assert sent[-2]["content"].startswith("message number 10000 ")
+            # Never more rows requested than fit, plus one first batch of slack.
+            assert sum(limits) <= fit + 64 + 16, limits
+            assert await count_rows(engine, "messages") == 10_002
+            assert (await messages(client, conversation_id))[0]["seq"] == 1

@@ -33,12 +33,12 @@ PG_TEST_DB = f"chatbot_test_{os.getpid()}"
 FAKE_KEY = "sk-test-fake-0123456789"
 
 
-def _pg_url(database: str) -> str:
+def pg_url(database: str) -> str:
     base = PG_SERVER.rsplit("/", 1)[0]
     return f"{base}/{database}"
 
 
-async def _recreate_pg_database(name: str) -> None:
+async def recreate_pg_database(name: str) -> None:
     connection = await asyncpg.connect(PG_SERVER, timeout=5)
     try:
         await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -47,7 +47,7 @@ async def _recreate_pg_database(name: str) -> None:
         await connection.close()
 
 
-async def _drop_pg_database(name: str) -> None:
+async def drop_pg_database(name: str) -> None:
     connection = await asyncpg.connect(PG_SERVER, timeout=5)
     try:
         await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -59,13 +59,13 @@ async def _drop_pg_database(name: str) -> None:
 def postgres_url() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test session."""
     try:
-        asyncio.run(_recreate_pg_database(PG_TEST_DB))
+        asyncio.run(recreate_pg_database(PG_TEST_DB))
     except (OSError, asyncpg.PostgresError) as exc:
         pytest.fail(f"PostgreSQL is required at {PG_SERVER}: {exc}")
-    url = "postgresql+asyncpg://" + _pg_url(PG_TEST_DB).split("://", 1)[1]
+    url = "postgresql+asyncpg://" + pg_url(PG_TEST_DB).split("://", 1)[1]
     migrate.upgrade(url)
     yield url
-    asyncio.run(_drop_pg_database(PG_TEST_DB))
+    asyncio.run(drop_pg_database(PG_TEST_DB))
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +107,11 @@ def make_settings(db_url: str, fake_llm: FakeLLM) -> SettingsFactory:
     """Settings for the test database and the fake provider; keyword groups override."""
 
     def factory(
-        *, llm: dict[str, Any] | None = None, limits: dict[str, Any] | None = None, **top: Any
+        *,
+        llm: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        db: dict[str, Any] | None = None,
+        **top: Any,
     ) -> Settings:
         llm_values: dict[str, Any] = {
             "provider": "openai",
@@ -122,7 +126,7 @@ def make_settings(db_url: str, fake_llm: FakeLLM) -> SettingsFactory:
         return Settings(
             _env_file=None,
             environment="test",
-            db=DatabaseSettings(_env_file=None, url=db_url),
+            db=DatabaseSettings(_env_file=None, **{"url": db_url, **(db or {})}),
             llm=LLMSettings(_env_file=None, **llm_values),
             limits=LimitSettings(_env_file=None, **(limits or {})),
             **top,

@@ -50,8 +50,10 @@ def normalise_database_url(url: str) -> str:
 class DatabaseSettings(BaseSettings):
     model_config = _group("DB_")
 
+    # repr=False: a database URL may carry a password.
     url: str = Field(
         default="sqlite+aiosqlite:///./chatbot.db",
+        repr=False,
         validation_alias=AliasChoices("DATABASE_URL", "DB_URL"),
     )
     pool_size: int = Field(5, ge=1)
@@ -85,7 +87,7 @@ class LLMSettings(BaseSettings):
     first_token_timeout: float = Field(60.0, gt=0)
     idle_timeout: float = Field(30.0, gt=0)
     total_timeout: float = Field(300.0, gt=0)
-    local_n_ctx: int = Field(8192, ge=512)
+    local_n_ctx: int = Field(4096, ge=512)
     local_n_threads: int | None = Field(None, ge=1)
 
     @property

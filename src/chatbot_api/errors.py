@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from chatbot_api.llm import errors as llm_errors
 
@@ -168,13 +169,30 @@ async def _app_error(_request: Request, exc: Exception) -> JSONResponse:
     return _render(exc.status_code, exc.envelope(), exc.headers)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method served at this path: Starlette's own `Allow` names only the first route
+    that matched the path, and RFC 9110 wants them all."""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
     if exc.status_code == 404 and message == "Not Found":
         message = "No such resource."
-    return _render(exc.status_code, error_envelope(code, message), dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return _render(exc.status_code, error_envelope(code, message), headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -205,7 +223,11 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
-    if isinstance(exc, PoolTimeoutError | OperationalError):
+    """Pool exhausted, connection refused or lost, SQLite busy: worth a retry later.
+
+    A refused connection reaches us as a bare `OSError` (asyncpg connects before SQLAlchemy
+    can wrap anything); provider I/O errors never get here, `llm/` maps them first."""
+    if isinstance(exc, PoolTimeoutError | OperationalError | OSError):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
@@ -216,4 +238,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(PoolTimeoutError, _database_error)
     app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(OSError, _database_error)
     app.add_exception_handler(Exception, _unhandled)

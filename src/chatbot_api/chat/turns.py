@@ -40,7 +40,14 @@ from chatbot_api.errors import (
     UpstreamError,
     is_transient_db_error,
 )
-from chatbot_api.llm.base import Finish, GenerationOptions, Provider, TextDelta, Usage
+from chatbot_api.llm.base import (
+    Finish,
+    GenerationOptions,
+    Provider,
+    Routed,
+    TextDelta,
+    Usage,
+)
 from chatbot_api.llm.errors import ProviderError, ProviderUnavailable
 
 logger = logging.getLogger(__name__)
@@ -167,6 +174,8 @@ class TurnManager:
                     usage = event
                 elif isinstance(event, Finish):
                     finish = event.reason
+                elif isinstance(event, Routed):
+                    turn.model_used = event.model
         except ProviderError as exc:
             error = exc
         except asyncio.CancelledError:

@@ -17,6 +17,8 @@ from chatbot_api.conversations.models import Conversation, Message
 from chatbot_api.errors import InvalidRequest, NotFound
 
 _UNSET: Any = object()
+# Sequence numbers are 32-bit integers in the schema.
+MAX_SEQ = 2**31
 
 
 def _encode_cursor(*parts: str) -> str:
@@ -70,6 +72,8 @@ async def list_conversations(
             created_at, last_id = datetime.fromisoformat(created_raw), uuid.UUID(id_raw)
         except ValueError:
             raise InvalidRequest("`after` is not a valid cursor.") from None
+        if created_at.tzinfo is None:
+            raise InvalidRequest("`after` is not a valid cursor.")
         query = query.where(
             or_(
                 Conversation.created_at < created_at,
@@ -117,7 +121,7 @@ async def list_messages(
     query = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.seq)
     if after is not None:
         (seq_raw,) = _decode_cursor(after, 1)
-        if not seq_raw.isdigit():
+        if not (seq_raw.isascii() and seq_raw.isdigit() and int(seq_raw) < MAX_SEQ):
             raise InvalidRequest("`after` is not a valid cursor.")
         query = query.where(Message.seq > int(seq_raw))
     rows = (await session.scalars(query.limit(limit + 1))).all()

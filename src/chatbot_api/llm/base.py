@@ -1,10 +1,10 @@
 """Messages, stream events, usage and the `Provider` protocol.
 
 Every provider exposes one primitive, `stream(messages, options)`, an async iterator of
-`StreamEvent`s. A well-formed stream is zero or more `TextDelta`s, at most one `Usage`, and
-exactly one `Finish` as the last event. A stream that stops without a `Finish` was cut short:
-the caller stores what it got as `incomplete`. Failures are raised as `ProviderError`s
-(see `llm.errors`), never as foreign exceptions.
+`StreamEvent`s. A well-formed stream is an optional `Routed`, zero or more
+`TextDelta`s, at most one `Usage`, and exactly one `Finish` as the last event. A stream that
+stops without a `Finish` was cut short: the caller stores what it got as `incomplete`.
+Failures are raised as `ProviderError`s (see `llm.errors`), never as foreign exceptions.
 
 `complete()` is the non-streaming call: a helper over `stream()`, so both paths share one
 code path in every provider.
@@ -61,7 +61,19 @@ class Finish:
     reason: str
 
 
-StreamEvent = TextDelta | Usage | Finish
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """Which model is answering, emitted by routing wrappers (retries, fallbacks) before the
+    first `TextDelta`. `attempts` counts upstream calls made for this reply, `fallbacks` how
+    many providers of the chain were skipped. Plain providers do not emit it."""
+
+    provider: str
+    model: str
+    attempts: int = 1
+    fallbacks: int = 0
+
+
+StreamEvent = TextDelta | Usage | Finish | Routed
 
 
 @runtime_checkable
@@ -135,6 +147,6 @@ async def complete(
             parts.append(event.text)
         elif isinstance(event, Usage):
             usage = event
-        else:
+        elif isinstance(event, Finish):
             finish = event.reason
     return Completion(text="".join(parts), finish_reason=finish, usage=usage)

@@ -56,9 +56,29 @@ class Conversation(Base):
     )
 
 
+class IdempotencyKey(Base):
+    """A send-message request remembered by its `Idempotency-Key`, per caller scope."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("scope", "key"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    scope: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    conversation_id: Mapped[uuid.UUID]
+    user_message_id: Mapped[uuid.UUID]
+    assistant_message_id: Mapped[uuid.UUID]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (UniqueConstraint("conversation_id", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "seq"),
+        Index("ix_messages_status", "status"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     conversation_id: Mapped[uuid.UUID] = mapped_column(
@@ -75,5 +95,7 @@ class Message(Base):
     error: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[datetime | None]
+    # Set by a cancel request; the process generating the reply polls it (see chat.turns).
+    cancel_requested_at: Mapped[datetime | None]
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages", lazy="raise")

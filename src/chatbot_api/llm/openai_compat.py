@@ -166,7 +166,10 @@ class _ReadDeadline:
         self._handle = None
         if not self.reading:
             return
-        self._expire()
+        if self._loop.time() < self.when:
+            self._schedule()
+        else:
+            self._expire()
 
     def _expire(self) -> None:
         self.expired = True

@@ -19,10 +19,13 @@ from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import chatbot_api.main  # noqa: F401  (imports every feature's models)
 from chatbot_api import migrate
+from chatbot_api.db import Base
 from tests.conftest import PG_SERVER, drop_pg_database, pg_url, recreate_pg_database
 
-APP_TABLES = {"conversations", "messages"}
+# Every table the models declare (importing the app registers all of them).
+APP_TABLES = set(Base.metadata.tables)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import chatbot_api.testing
 from chatbot_api.llm.sse import SSEEvent, SSEParser
 from chatbot_api.testing import FakeLLM as ReExported
 from chatbot_api.testing.fake_llm import (
@@ -348,6 +349,8 @@ class TestRecording:
             assert fake.base_url.startswith("http://127.0.0.1:")
             assert fake.base_url.endswith("/v1")
         assert ReExported is FakeLLM
+        with pytest.raises(AttributeError):
+            _ = chatbot_api.testing.NotAThing  # type: ignore[attr-defined]
 
     async def test_unreachable_url_refuses_connections(self, http: aiohttp.ClientSession) -> None:
         with pytest.raises(aiohttp.ClientConnectorError):

@@ -121,6 +121,8 @@ def make_settings(db_url: str, fake_llm: FakeLLM) -> SettingsFactory:
             "first_token_timeout": 5.0,
             "idle_timeout": 5.0,
             "total_timeout": 20.0,
+            # Failure tests see each upstream error as is; retry tests turn retries back on.
+            "max_retries": 0,
         }
         llm_values.update(llm or {})
         return Settings(

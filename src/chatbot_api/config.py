@@ -21,6 +21,7 @@ GROQ_BASE_URL = "https://api.groq.com/openai/v1"
 GROQ_DEFAULT_MODEL = "llama-3.3-70b-versatile"
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
+LOCAL_MODEL = "SmolLM2-135M-Instruct"
 
 ProviderName = Literal["local", "groq", "openai"]
 
@@ -89,6 +90,16 @@ class LLMSettings(BaseSettings):
     total_timeout: float = Field(300.0, gt=0)
     local_n_ctx: int = Field(4096, ge=512)
     local_n_threads: int | None = Field(None, ge=1)
+    fallbacks: str | None = Field(
+        default=None,
+        description="Providers tried, in order, when the primary fails before its first token: "
+        "comma-separated `kind[:model][@base_url]`, e.g. `groq:llama-3.1-8b-instant,local`.",
+    )
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+    max_retries: int = Field(2, ge=0, le=10)
+    retry_after_cap: float = Field(10.0, ge=0, description="Longest Retry-After worth waiting.")
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown: float = Field(30.0, gt=0)
 
     @property
     def timeouts(self) -> Timeouts:
@@ -113,8 +124,8 @@ class LLMSettings(BaseSettings):
         else:
             kind = "local"
         if kind == "local":
-            return ResolvedProvider("local", None, None, self.model or "SmolLM2-135M-Instruct")
-        key = self.api_key or (self.groq_api_key if kind == "groq" else None)
+            return ResolvedProvider("local", None, None, self.model or LOCAL_MODEL)
+        key = self.api_key or (self.groq_api_key if kind == "groq" else self.openai_api_key)
         default_url, default_model = (
             (GROQ_BASE_URL, GROQ_DEFAULT_MODEL)
             if kind == "groq"
@@ -123,6 +134,34 @@ class LLMSettings(BaseSettings):
         return ResolvedProvider(
             kind, (self.base_url or default_url).rstrip("/"), key, self.model or default_model
         )
+
+    def resolve_fallbacks(self) -> list[ResolvedProvider]:
+        """The `LLM_FALLBACKS` chain. Keys come from `GROQ_API_KEY` (groq) and
+        `OPENAI_API_KEY` (openai); a fallback never inherits the primary's overrides."""
+        chain: list[ResolvedProvider] = []
+        for entry in filter(None, (e.strip() for e in (self.fallbacks or "").split(","))):
+            spec, _, url = entry.partition("@")
+            kind, _, model = spec.partition(":")
+            if kind == "local":
+                chain.append(ResolvedProvider("local", None, None, model or LOCAL_MODEL))
+            elif kind == "groq":
+                chain.append(
+                    ResolvedProvider(
+                        "groq", url or GROQ_BASE_URL, self.groq_api_key, model or GROQ_DEFAULT_MODEL
+                    )
+                )
+            elif kind == "openai":
+                chain.append(
+                    ResolvedProvider(
+                        "openai",
+                        (url or OPENAI_BASE_URL).rstrip("/"),
+                        self.openai_api_key,
+                        model or OPENAI_DEFAULT_MODEL,
+                    )
+                )
+            else:
+                raise ValueError(f"LLM_FALLBACKS: unknown provider {kind!r} in {entry!r}")
+        return chain
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +185,29 @@ class LimitSettings(BaseSettings):
         ge=1024,
         validation_alias=AliasChoices("MAX_BODY_BYTES", "LIMITS_MAX_BODY_BYTES"),
     )
-    busy_lease_seconds: float = Field(
-        600.0,
+
+
+class ReliabilitySettings(BaseSettings):
+    model_config = _group()
+
+    conversation_lease_seconds: float = Field(
+        default=60.0,
         gt=0,
-        description="How long a conversation stays claimed by a turn whose process died.",
+        validation_alias="CONVERSATION_LEASE_SECONDS",
+        description="A turn's claim on its conversation; renewed at every checkpoint, so it "
+        "only lapses when the process generating the reply has died.",
+    )
+    stream_checkpoint_interval: float = Field(
+        default=1.0,
+        gt=0,
+        validation_alias="STREAM_CHECKPOINT_INTERVAL",
+        description="Seconds between stores of a partial reply (and cancel-request polls).",
+    )
+    idempotency_ttl_seconds: float = Field(
+        default=24 * 3600.0, gt=0, validation_alias="IDEMPOTENCY_TTL_SECONDS"
+    )
+    shutdown_grace_seconds: float = Field(
+        default=20.0, ge=0, validation_alias="SHUTDOWN_GRACE_SECONDS"
     )
 
 
@@ -172,6 +230,7 @@ class Settings(BaseSettings):
     db: DatabaseSettings = Field(default_factory=DatabaseSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
 
 
 def default_workers() -> int:

@@ -3,13 +3,17 @@
     AppError                         status  code
     ├── NotFound                     404     not_found
     ├── ConversationBusy             409     conversation_busy     (+ Retry-After)
+    ├── IdempotencyInFlight          409     idempotency_key_in_flight (+ Retry-After)
+    ├── GenerationCancelled          409     cancelled
     ├── InvalidRequest               422     invalid_request
     │   ├── MessageTooLong           422     message_too_long
+    │   ├── IdempotencyConflict      422     idempotency_key_reused
     │   └── ContextTooLong           422     context_length_exceeded
     ├── PayloadTooLarge              413     payload_too_large
     ├── ServiceUnavailable           503     service_unavailable   (+ Retry-After)
     │   └── DatabaseUnavailable      503     database_unavailable
     │       └── ReplyNotStored       503     reply_not_stored
+    │   └── GenerationInterrupted    503     generation_interrupted
     └── UpstreamError                502/503/504, from a ProviderError (see `from_provider`)
 
 Every response body is one envelope:
@@ -76,9 +80,29 @@ class ConversationBusy(AppError):
         )
 
 
+class IdempotencyInFlight(AppError):
+    status_code = 409
+    code = "idempotency_key_in_flight"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The first request with this Idempotency-Key is still being answered.",
+            headers={"Retry-After": "1"},
+        )
+
+
+class GenerationCancelled(AppError):
+    status_code = 409
+    code = "cancelled"
+
+
 class InvalidRequest(AppError):
     status_code = 422
     code = "invalid_request"
+
+
+class IdempotencyConflict(InvalidRequest):
+    code = "idempotency_key_reused"
 
 
 class MessageTooLong(InvalidRequest):
@@ -108,6 +132,10 @@ class DatabaseUnavailable(ServiceUnavailable):
 
 class ReplyNotStored(DatabaseUnavailable):
     code = "reply_not_stored"
+
+
+class GenerationInterrupted(ServiceUnavailable):
+    code = "generation_interrupted"
 
 
 class UpstreamError(AppError):

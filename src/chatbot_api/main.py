@@ -5,21 +5,25 @@ import time; `app_factory()` is what `chatbot-api serve` hands to uvicorn.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 from fastapi import FastAPI
 
 from chatbot_api import __version__
 from chatbot_api.chat.router import router as chat_router
 from chatbot_api.chat.turns import TurnManager
-from chatbot_api.config import Settings
+from chatbot_api.config import LLMSettings, ResolvedProvider, Settings
 from chatbot_api.conversations.router import router as conversations_router
 from chatbot_api.db import create_engine, create_sessionmaker
 from chatbot_api.errors import install_error_handlers
 from chatbot_api.health import router as health_router
 from chatbot_api.llm.base import Provider
+from chatbot_api.llm.resilient import ResilientProvider, RetryPolicy
 from chatbot_api.middleware import BodySizeLimit
 
 logger = logging.getLogger(__name__)
@@ -27,12 +31,9 @@ logger = logging.getLogger(__name__)
 # Context windows of the default hosted models, used unless LLM_CONTEXT_WINDOW is set.
 GROQ_CONTEXT_WINDOW = 131_072
 OPENAI_CONTEXT_WINDOW = 128_000
-SHUTDOWN_GRACE = 20.0
 
 
-def build_provider(settings: Settings) -> Provider:
-    llm = settings.llm
-    resolved = llm.resolve()
+def _build_one(resolved: ResolvedProvider, llm: LLMSettings) -> Provider:
     if resolved.kind == "local":
         from chatbot_api.llm.local import LocalProvider
 
@@ -56,6 +57,32 @@ def build_provider(settings: Settings) -> Provider:
     )
 
 
+def build_provider(settings: Settings) -> Provider:
+    """The configured provider and its `LLM_FALLBACKS`, behind retries and circuit breakers."""
+    llm = settings.llm
+    chain = [_build_one(r, llm) for r in [llm.resolve(), *llm.resolve_fallbacks()]]
+    return ResilientProvider(
+        chain,
+        policy=RetryPolicy(max_retries=llm.max_retries, max_retry_after=llm.retry_after_cap),
+        failure_threshold=llm.breaker_failures,
+        cooldown=llm.breaker_cooldown,
+    )
+
+
+def _flip_readiness_on_sigterm(app: FastAPI) -> None:
+    """Report not-ready as soon as SIGTERM arrives, while uvicorn lets open streams finish,
+    then hand the signal on to uvicorn's own handler."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        app.state.shutting_down = True
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -72,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.provider = provider
         app.state.turns = turns
         app.state.shutting_down = False
+        _flip_readiness_on_sigterm(app)
+        reaper = asyncio.create_task(turns.reap_forever(), name="reaper")
         logger.info("serving with provider=%s model=%s", provider.name, provider.model)
         try:
             yield
@@ -79,7 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Order: stop advertising readiness, let running turns store their replies, then
             # close the provider and the pool they were using.
             app.state.shutting_down = True
-            await turns.drain(SHUTDOWN_GRACE)
+            reaper.cancel()
+            await asyncio.gather(reaper, return_exceptions=True)
+            await turns.drain(settings.reliability.shutdown_grace_seconds)
             await provider.aclose()
             await engine.dispose()
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 
@@ -127,13 +126,3 @@ class TestTokenEstimator:
     def test_invalid_settings_are_refused(self, kwargs: dict[str, float]) -> None:
         with pytest.raises(ValueError):  # noqa: PT011 - the message is not the contract
             TokenEstimator(**kwargs)
-
-    def test_a_32000_character_message_takes_a_few_milliseconds_at_most(self) -> None:
-        estimator = TokenEstimator()
-        message = ((SPANISH + " ") * 100)[:32_000]
-        best = math.inf
-        for _ in range(5):
-            started = time.perf_counter()
-            estimator.count(message)
-            best = min(best, time.perf_counter() - started)
-        assert best < 0.005  # about 1 ms here

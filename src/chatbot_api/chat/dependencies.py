@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from chatbot_api.chat.turns import TurnManager
+from chatbot_api.errors import NotFound
 from chatbot_api.llm.base import Provider
 
 
@@ -22,3 +24,14 @@ def _provider(request: Request) -> Provider:
 
 TurnsDep = Annotated[TurnManager, Depends(_turns)]
 ProviderDep = Annotated[Provider, Depends(_provider)]
+
+
+def parse_message_id(message_id: str) -> uuid.UUID:
+    """A malformed id names no message: 404, like an unknown one."""
+    try:
+        return uuid.UUID(message_id)
+    except ValueError:
+        raise NotFound("Message not found.") from None
+
+
+MessageIdDep = Annotated[uuid.UUID, Depends(parse_message_id)]

@@ -1,5 +1,4 @@
-"""The SSE protocol of a turn. Each event has an `event:` name, an `id:` (its index in the
-turn, starting at 0) and a JSON `data:`:
+"""The SSE protocol of a turn. Each event has an `event:` name, an `id:` and a JSON `data:`:
 
     message.created     {conversation_id, user_message_id, assistant_message_id, model_used}
     message.delta       {"delta": "<text>"}       (zero or more; their concatenation is the
@@ -7,13 +6,19 @@ turn, starting at 0) and a JSON `data:`:
     then exactly one terminal event:
     message.completed   the same object as the non-streaming response
     message.incomplete  {"error": {code, message, status}, ids..., status, partial_response,
-                         model_used}: the stream broke after some text; the partial text is
-                         stored with status `incomplete`
+                         model_used}: the stream broke after some text (status `incomplete`),
+                         or the generation was cancelled (status `cancelled`)
     message.failed      the same shape: nothing usable was generated (status `failed`), or
                          the reply could not be stored (`reply_not_stored`)
 
+The `id:` of an event is the number of characters of the reply a client has once it has seen
+that event (0 for `message.created`). A client that lost its connection sends the last id it
+saw as `Last-Event-ID` to `GET .../messages/{message_id}/stream` and gets exactly the text it
+is missing, then the live tail (or the terminal event at once if the reply is finished): no
+gap and no duplicate. Without `Last-Event-ID` the stream is replayed from the start.
+
 While nothing happens, a `: ping` comment is sent every `KEEPALIVE` seconds so proxies keep
-the connection open. The events map one to one onto the turn's log (`chat.turns`).
+the connection open.
 """
 
 from __future__ import annotations
@@ -23,32 +28,69 @@ from collections.abc import AsyncIterator
 
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
-from chatbot_api.chat.turns import Turn, TurnEvent
+from chatbot_api.chat.outcomes import CREATED, DELTA, TurnEvent
+from chatbot_api.chat.schemas import MessageDelta
+from chatbot_api.chat.turns import Turn
 
 KEEPALIVE = 15.0
 
 
-def encode(index: int, event: TurnEvent) -> bytes:
-    return format_sse_event(data_str=event.data.model_dump_json(), event=event.name, id=str(index))
+def encode(event: TurnEvent) -> bytes:
+    return format_sse_event(
+        data_str=event.data.model_dump_json(), event=event.name, id=str(event.offset)
+    )
 
 
-async def sse_stream(turn: Turn, start: int = 0) -> AsyncIterator[bytes]:
-    """Encode the turn's events from `start` until the terminal one. Closing this iterator
-    (the client went away) leaves the turn running."""
-    index = start
-    while True:
-        try:
-            async with asyncio.timeout(KEEPALIVE):
-                await turn.wait_beyond(index)
-        except TimeoutError:
-            yield KEEPALIVE_COMMENT
-            continue
-        log = turn.log
-        end = len(log)
-        # Everything already in the log goes out in one write: under load this coalesces
-        # deltas into fewer, larger frames without changing the text.
-        chunk = b"".join(encode(i, log[i]) for i in range(index, end))
-        yield chunk
-        if turn.done and end == len(log):
-            return
-        index = end
+def parse_last_event_id(value: str | None) -> int | None:
+    """The character offset a client has; None (replay everything) when absent or garbled."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value.strip())
+
+
+def _resumed(event: TurnEvent, have: int | None) -> TurnEvent | None:
+    """What a client that has `have` characters still needs of `event`."""
+    if have is None:
+        return event
+    if event.name == CREATED:
+        return None
+    if event.name != DELTA:
+        return event
+    assert isinstance(event.data, MessageDelta)
+    if event.offset <= have:
+        return None
+    start = event.offset - len(event.data.delta)
+    if start >= have:
+        return event
+    return TurnEvent(DELTA, MessageDelta(delta=event.data.delta[have - start :]), event.offset)
+
+
+async def sse_stream(turn: Turn, have: int | None = None) -> AsyncIterator[bytes]:
+    """Encode the turn's events until the terminal one, skipping what the client `have`s.
+    Closing this iterator (the client went away) leaves a generating turn running."""
+    index = 0
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(KEEPALIVE):
+                    await turn.wait_beyond(index)
+            except TimeoutError:
+                yield KEEPALIVE_COMMENT
+                continue
+            log = turn.log
+            end = len(log)
+            # Everything already in the log goes out in one write: under load this coalesces
+            # deltas into fewer, larger writes without changing the text.
+            frames = [
+                encode(needed)
+                for needed in (_resumed(log[i], have) for i in range(index, end))
+                if needed is not None
+            ]
+            if frames:
+                yield b"".join(frames)
+            if turn.done:
+                return
+            index = end
+    finally:
+        if turn.begun is None and turn.task is not None and not turn.done:
+            turn.task.cancel()  # a follower of another process's turn: nobody reads it now

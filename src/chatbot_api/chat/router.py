@@ -1,45 +1,69 @@
-"""Send a message: JSON by default, Server-Sent Events with `"stream": true` or
-`Accept: text/event-stream` (the event protocol is documented in `chat.events`)."""
+"""Send a message (JSON, or Server-Sent Events with `"stream": true` or
+`Accept: text/event-stream`), resume a stream, cancel a generation. The event protocol is
+documented in `chat.events`."""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+import uuid
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.sse import EventSourceResponse
 
 from chatbot_api.chat import events
-from chatbot_api.chat.dependencies import TurnsDep
+from chatbot_api.chat.dependencies import MessageIdDep, TurnsDep
 from chatbot_api.chat.schemas import ChatResponse, SendMessage
+from chatbot_api.conversations import service as conversations
 from chatbot_api.conversations.dependencies import ConversationIdDep
+from chatbot_api.conversations.router import message_out
+from chatbot_api.conversations.schemas import MessageOut
+from chatbot_api.db import SessionDep
 from chatbot_api.errors import AppError, error_envelope
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["chat"])
 
+STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
-def _error(status: int, code: str, message: str) -> dict[str, Any]:
+
+def _error(message: str, code: str) -> dict[str, Any]:
     return {
         "description": message,
         "content": {"application/json": {"example": error_envelope(code, message)}},
     }
 
 
+SSE_200: dict[str, Any] = {
+    "description": "A `text/event-stream` of turn events (see the README).",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
 SEND_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The reply as JSON, or a `text/event-stream` of turn events.",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     },
-    404: _error(404, "not_found", "No such conversation."),
-    409: _error(409, "conversation_busy", "A reply is already being generated (see Retry-After)."),
-    413: _error(413, "payload_too_large", "The body is over the size limit."),
-    502: _error(502, "upstream_bad_response", "The model's provider answered badly."),
-    503: _error(503, "upstream_unavailable", "The provider or the database is unavailable."),
-    504: _error(504, "upstream_timeout", "The provider did not answer in time."),
+    404: _error("No such conversation.", "not_found"),
+    409: _error("A reply is already being generated (see Retry-After).", "conversation_busy"),
+    413: _error("The body is over the size limit.", "payload_too_large"),
+    502: _error("The model's provider answered badly.", "upstream_bad_response"),
+    503: _error("The provider or the database is unavailable.", "upstream_unavailable"),
+    504: _error("The provider did not answer in time.", "upstream_timeout"),
 }
 
 
 def _wants_stream(body: SendMessage, request: Request) -> bool:
     return body.stream or "text/event-stream" in request.headers.get("accept", "")
+
+
+def _request_hash(conversation_id: uuid.UUID, body: SendMessage) -> str:
+    """What makes two sends "the same request" for an Idempotency-Key: the conversation and
+    the body, but not whether the answer is streamed."""
+    canonical = json.dumps(
+        {"conversation_id": str(conversation_id), **body.model_dump(exclude={"stream"})},
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @router.post(
@@ -49,19 +73,78 @@ def _wants_stream(body: SendMessage, request: Request) -> bool:
     summary="Send a message and get the reply",
 )
 async def send_message(
-    conversation_id: ConversationIdDep, body: SendMessage, request: Request, turns: TurnsDep
+    conversation_id: ConversationIdDep,
+    body: SendMessage,
+    request: Request,
+    response: Response,
+    turns: TurnsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="Retries with the same key and body are answered once (24 h).",
+        ),
+    ] = None,
 ) -> ChatResponse | Response:
     """Store the message, build the context from the stored history and answer with the
     model's reply. The reply is stored before the response (or the terminal event) is sent."""
-    turn = await turns.start(conversation_id, body.message)
-    if _wants_stream(body, request):
-        return EventSourceResponse(
-            events.sse_stream(turn),
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+    stream = _wants_stream(body, request)
+    idempotency = (
+        None
+        if idempotency_key is None
+        else ("", idempotency_key, _request_hash(conversation_id, body))
+    )
+    turn = await turns.start(
+        conversation_id, body.message, idempotency=idempotency, attach_if_running=stream
+    )
+    if stream:
+        return EventSourceResponse(events.sse_stream(turn), headers=STREAM_HEADERS)
     outcome = await turn.outcome()
     if isinstance(outcome.data, ChatResponse):
+        response.headers["X-Upstream-Attempts"] = str(outcome.data.attempts)
+        response.headers["X-Upstream-Fallbacks"] = str(outcome.data.fallbacks)
         return outcome.data
     error = turn.error or AppError("The reply failed.")
     error.details = [outcome.data.model_dump(mode="json", exclude={"error"})]
     raise error
+
+
+@router.get(
+    "/{conversation_id}/messages/{message_id}/stream",
+    response_class=EventSourceResponse,
+    responses={200: SSE_200, 404: _error("No such reply.", "not_found")},
+    summary="Resume (or replay) the event stream of a reply",
+)
+async def resume_stream(
+    conversation_id: ConversationIdDep,
+    message_id: MessageIdDep,
+    turns: TurnsDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(description="The `id:` of the last event received: resume after it."),
+    ] = None,
+) -> EventSourceResponse:
+    """The events the client missed, then the live tail; everything at once if the reply
+    has finished. Works whichever server process is generating the reply."""
+    turn = await turns.attach(conversation_id, message_id)
+    have = events.parse_last_event_id(last_event_id)
+    return EventSourceResponse(events.sse_stream(turn, have), headers=STREAM_HEADERS)
+
+
+@router.post(
+    "/{conversation_id}/messages/{message_id}/cancel",
+    response_model=MessageOut,
+    responses={404: _error("No such reply.", "not_found")},
+    summary="Stop a generation in progress",
+)
+async def cancel_generation(
+    conversation_id: ConversationIdDep,
+    message_id: MessageIdDep,
+    turns: TurnsDep,
+    session: SessionDep,
+) -> MessageOut:
+    """Close the upstream call and store the partial reply as `cancelled`. Idempotent: a
+    reply that already finished is returned unchanged."""
+    await turns.cancel(conversation_id, message_id)
+    return message_out(await conversations.get_message(session, conversation_id, message_id))

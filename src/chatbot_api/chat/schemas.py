@@ -46,6 +46,8 @@ class ChatResponse(TurnIds):
     status: str
     finish_reason: str | None
     usage: Usage | None
+    attempts: int = Field(1, description="Upstream calls made for this reply (retries).")
+    fallbacks: int = Field(0, description="Providers of the fallback chain skipped.")
 
 
 class TurnError(TurnIds):

@@ -17,13 +17,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot_api.conversations import service as conversations
-from chatbot_api.conversations.models import Conversation, Message, MessageRole, MessageStatus
+from chatbot_api.conversations.models import (
+    Conversation,
+    IdempotencyKey,
+    Message,
+    MessageRole,
+    MessageStatus,
+)
 from chatbot_api.db import new_id, utcnow
-from chatbot_api.errors import ContextTooLong, ConversationBusy
+from chatbot_api.errors import ContextTooLong, ConversationBusy, IdempotencyConflict, NotFound
 from chatbot_api.llm.base import ChatMessage, Usage
 
 # Statuses whose text the model saw or the user read: they belong in later context.
@@ -263,3 +269,126 @@ async def finish_turn(
         .where(Conversation.id == turn.conversation_id, Conversation.next_seq == turn.claim_seq)
         .values(busy_until=None, updated_at=now)
     )
+
+
+async def checkpoint(
+    session: AsyncSession, *, turn: BegunTurn, content: str | None, lease: timedelta
+) -> bool:
+    """Store the partial reply (if `content` is given) and renew the claim on the
+    conversation. Returns True when someone asked for the reply to be cancelled."""
+    now = utcnow()
+    if content is None:
+        cancel_requested = await session.scalar(
+            select(Message.cancel_requested_at).where(Message.id == turn.assistant_message_id)
+        )
+    else:
+        cancel_requested = await session.scalar(
+            update(Message)
+            .where(
+                Message.id == turn.assistant_message_id,
+                Message.status == MessageStatus.STREAMING,
+            )
+            .values(content=content)
+            .returning(Message.cancel_requested_at)
+        )
+    await session.execute(
+        update(Conversation)
+        .where(Conversation.id == turn.conversation_id, Conversation.next_seq == turn.claim_seq)
+        .values(busy_until=now + lease)
+    )
+    return cancel_requested is not None
+
+
+async def request_cancel(session: AsyncSession, *, message: Message) -> None:
+    """Ask the process generating `message` to stop (it polls at each checkpoint)."""
+    await session.execute(
+        update(Message)
+        .where(Message.id == message.id, Message.status == MessageStatus.STREAMING)
+        .values(cancel_requested_at=utcnow())
+    )
+
+
+async def reap_orphans(session: AsyncSession, *, now: datetime | None = None) -> int:
+    """Mark `streaming` replies whose turn can no longer finish as `incomplete`: their
+    conversation's claim has lapsed (the process died), so nobody will ever store them."""
+    now = now or utcnow()
+    lapsed = select(Conversation.id).where(
+        (Conversation.busy_until.is_(None)) | (Conversation.busy_until < now)
+    )
+    result = await session.execute(
+        update(Message)
+        .where(Message.status == MessageStatus.STREAMING, Message.conversation_id.in_(lapsed))
+        .values(
+            status=MessageStatus.INCOMPLETE,
+            completed_at=now,
+            error={
+                "code": "generation_interrupted",
+                "message": "The server stopped before the reply was finished.",
+                "status": 503,
+            },
+        )
+        .execution_options(synchronize_session=False)
+    )
+    await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def load_reply(
+    session: AsyncSession, conversation_id: uuid.UUID, message_id: uuid.UUID
+) -> tuple[Message, uuid.UUID]:
+    """An assistant message of the conversation and the id of the user message it answers."""
+    message = await conversations.get_message(session, conversation_id, message_id)
+    if message.role != MessageRole.ASSISTANT:
+        raise NotFound("Message not found.")
+    user_id = await session.scalar(
+        select(Message.id).where(
+            Message.conversation_id == conversation_id, Message.seq == message.seq - 1
+        )
+    )
+    return message, user_id or message.id
+
+
+async def find_idempotent(
+    session: AsyncSession, *, scope: str, key: str, request_hash: str
+) -> IdempotencyKey | None:
+    """The live record of an earlier request with this key; `IdempotencyConflict` if that
+    request had a different body."""
+    record = await session.scalar(
+        select(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
+    )
+    if record is None:
+        return None
+    if record.expires_at < utcnow():
+        await session.delete(record)
+        await session.flush()
+        return None
+    if record.request_hash != request_hash:
+        raise IdempotencyConflict(
+            "This Idempotency-Key was already used with a different request body."
+        )
+    return record
+
+
+async def remember_idempotent(
+    session: AsyncSession,
+    *,
+    scope: str,
+    key: str,
+    request_hash: str,
+    turn: BegunTurn,
+    ttl: timedelta,
+) -> None:
+    now = utcnow()
+    session.add(
+        IdempotencyKey(
+            scope=scope,
+            key=key,
+            request_hash=request_hash,
+            conversation_id=turn.conversation_id,
+            user_message_id=turn.user_message_id,
+            assistant_message_id=turn.assistant_message_id,
+            created_at=now,
+            expires_at=now + ttl,
+        )
+    )
+    await session.flush()

@@ -6,14 +6,17 @@ A turn's lifetime, in order:
    caller's task, so 404 / 409 / 422 reach the client as plain HTTP errors and nothing is
    stored when they happen.
 2. A background task calls the provider with no database connection checked out, appending
-   each event to the turn's in-memory log as it arrives.
-3. When the provider stops, the task stores the reply in a second short transaction
-   (`service.finish_turn`), and only then appends the terminal event. A client that
-   disconnects after the last token therefore loses nothing, and a client that disconnects
-   earlier does not stop the generation: the reply is still completed and stored.
+   each event to the turn's in-memory log as it arrives. A second task checkpoints the
+   partial reply every `stream_checkpoint_interval` seconds (one short transaction), which
+   renews the claim on the conversation and picks up cancel requests made in other processes.
+3. When the provider stops, the task stores the reply in a final short transaction
+   (`service.finish_turn`, retried while the database is briefly away), and only then appends
+   the terminal event. A client that disconnects after the last token therefore loses
+   nothing, and one that disconnects earlier does not stop the generation.
 
-Readers (`Turn.events()`) follow the log from any position, so the SSE response, the
-non-streaming response and later re-attachments all see the same events in the same order.
+Any reader follows a turn's log from any position (`chat.events`): the SSE response, the
+non-streaming response, a resumed stream and an idempotent retry all see the same events.
+A turn running in another process is followed by polling its row (`_follow`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -29,53 +33,55 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot_api.chat import service
-from chatbot_api.chat.schemas import ChatResponse, MessageCreated, MessageDelta, TurnError
+from chatbot_api.chat.outcomes import (
+    DELTA,
+    TERMINAL,
+    TurnEvent,
+    TurnIds,
+    created_event,
+    stored_error,
+    terminal_event,
+    usage_dict,
+)
+from chatbot_api.chat.schemas import MessageDelta
 from chatbot_api.config import Settings
-from chatbot_api.conversations.models import MessageStatus
-from chatbot_api.conversations.schemas import Usage as UsageOut
+from chatbot_api.conversations.models import Message, MessageStatus
 from chatbot_api.errors import (
     AppError,
+    GenerationCancelled,
+    GenerationInterrupted,
+    IdempotencyInFlight,
     MessageTooLong,
     ReplyNotStored,
     UpstreamError,
     is_transient_db_error,
 )
-from chatbot_api.llm.base import (
-    Finish,
-    GenerationOptions,
-    Provider,
-    Routed,
-    TextDelta,
-    Usage,
-)
+from chatbot_api.llm.base import Finish, GenerationOptions, Provider, Routed, TextDelta, Usage
 from chatbot_api.llm.errors import ProviderError, ProviderUnavailable
 
 logger = logging.getLogger(__name__)
 
-CREATED = "message.created"
-DELTA = "message.delta"
-COMPLETED = "message.completed"
-INCOMPLETE = "message.incomplete"
-FAILED = "message.failed"
-TERMINAL = frozenset({COMPLETED, INCOMPLETE, FAILED})
-
-# How often, and how long, storing the final reply is retried before the client is told.
-PERSIST_ATTEMPTS = 4
+# Storing the final reply is retried while the database is briefly away (a restart).
+PERSIST_ATTEMPTS = 6
 PERSIST_BACKOFF = 0.25
-
-
-@dataclass(frozen=True, slots=True)
-class TurnEvent:
-    name: str
-    data: MessageCreated | MessageDelta | ChatResponse | TurnError
+PERSIST_BACKOFF_CAP = 2.0
+# How often a follower polls the row of a turn running in another process.
+FOLLOW_INTERVAL = 0.2
+REAP_INTERVAL = 30.0
 
 
 @dataclass(eq=False)
 class Turn:
-    begun: service.BegunTurn
+    ids: TurnIds
     model_used: str
+    begun: service.BegunTurn | None = None
     log: list[TurnEvent] = field(default_factory=list)
+    text_length: int = 0
     error: AppError | None = None
+    attempts: int = 1
+    fallbacks: int = 0
+    cancel_requested: bool = False
+    task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -84,9 +90,13 @@ class Turn:
 
     def publish(self, event: TurnEvent) -> None:
         self.log.append(event)
-        # Wake every waiting reader; each clears nothing, it re-checks the log length.
+        # Wake every waiting reader; each re-checks the log length.
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def publish_delta(self, text: str) -> None:
+        self.text_length += len(text)
+        self.publish(TurnEvent(DELTA, MessageDelta(delta=text), self.text_length))
 
     async def wait_beyond(self, index: int) -> None:
         """Wait until the log has an event at `index`."""
@@ -101,7 +111,8 @@ class Turn:
 
 
 class TurnManager:
-    """Starts turns and keeps their tasks alive. Created and drained in the app's lifespan."""
+    """Starts, follows and cancels turns, and keeps their tasks alive. Created in the app's
+    lifespan, which also drains it on shutdown."""
 
     def __init__(
         self,
@@ -113,13 +124,30 @@ class TurnManager:
         self._sessionmaker = sessionmaker
         self._provider = provider
         self._settings = settings
+        self._turns: dict[uuid.UUID, Turn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lease = timedelta(seconds=settings.reliability.conversation_lease_seconds)
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return len(self._turns)
 
-    async def start(self, conversation_id: uuid.UUID, text: str) -> Turn:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(
+        self,
+        conversation_id: uuid.UUID,
+        text: str,
+        *,
+        idempotency: tuple[str, str, str] | None = None,
+        attach_if_running: bool = True,
+    ) -> Turn:
+        """Begin a turn. `idempotency` is (scope, key, request hash): a retry of a request
+        already seen is answered from the first one instead of calling the provider again."""
         limit = self._settings.limits.max_message_chars
         if len(text) > limit:
             raise MessageTooLong(f"The message is over the limit of {limit} characters.")
@@ -132,6 +160,16 @@ class TurnManager:
         )
         text_tokens = provider.count_tokens(text)
         async with self._sessionmaker.begin() as session:
+            if idempotency is not None:
+                scope, key, request_hash = idempotency
+                record = await service.find_idempotent(
+                    session, scope=scope, key=key, request_hash=request_hash
+                )
+                if record is not None:
+                    replay = await self.attach(record.conversation_id, record.assistant_message_id)
+                    if not replay.done and not attach_if_running:
+                        raise IdempotencyInFlight()
+                    return replay
             begun = await service.begin_turn(
                 session,
                 conversation_id=conversation_id,
@@ -140,55 +178,137 @@ class TurnManager:
                 budget=budget,
                 default_system_prompt=self._settings.default_system_prompt,
                 model_used=provider.model,
-                lease=timedelta(seconds=self._settings.limits.busy_lease_seconds),
+                lease=self._lease,
             )
-        turn = Turn(begun=begun, model_used=provider.model)
-        turn.publish(
-            TurnEvent(
-                CREATED,
-                MessageCreated(**_ids(begun), model_used=provider.model),
-            )
-        )
-        task = asyncio.create_task(
-            self._run(turn, budget.reply_tokens), name=f"turn-{begun.assistant_message_id}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            if idempotency is not None:
+                await service.remember_idempotent(
+                    session,
+                    scope=scope,
+                    key=key,
+                    request_hash=request_hash,
+                    turn=begun,
+                    ttl=timedelta(seconds=self._settings.reliability.idempotency_ttl_seconds),
+                )
+        ids = TurnIds(begun.conversation_id, begun.user_message_id, begun.assistant_message_id)
+        turn = Turn(ids=ids, model_used=provider.model, begun=begun)
+        turn.publish(created_event(ids, provider.model))
+        self._turns[ids.assistant_message_id] = turn
+        turn.task = self._spawn(self._run(turn, budget.reply_tokens), f"turn-{ids}")
         return turn
 
+    async def attach(self, conversation_id: uuid.UUID, message_id: uuid.UUID) -> Turn:
+        """The turn that produces `message_id`: live in this process, finished (rebuilt from
+        its row), or running elsewhere (followed through its row). `NotFound` otherwise."""
+        live = self._turns.get(message_id)
+        if live is not None and live.ids.conversation_id == conversation_id:
+            return live
+        async with self._sessionmaker() as session:
+            message, user_id = await service.load_reply(session, conversation_id, message_id)
+        turn = Turn(
+            ids=TurnIds(conversation_id, user_id, message.id), model_used=message.model_used or ""
+        )
+        turn.publish(created_event(turn.ids, turn.model_used))
+        if message.status == MessageStatus.STREAMING:
+            turn.task = self._spawn(self._follow(turn), f"follow-{message_id}")
+        else:
+            self._publish_row(turn, message)
+        return turn
+
+    async def cancel(self, conversation_id: uuid.UUID, message_id: uuid.UUID) -> None:
+        """Stop a generation in progress and wait (briefly) until its reply is stored as
+        `cancelled`. Idempotent: a finished reply is left as it is."""
+        live = self._turns.get(message_id)
+        if live is not None and live.ids.conversation_id == conversation_id:
+            self._cancel_local(live)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await live.outcome()
+            return
+        async with self._sessionmaker.begin() as session:
+            message, _ = await service.load_reply(session, conversation_id, message_id)
+            if message.status != MessageStatus.STREAMING:
+                return
+            await service.request_cancel(session, message=message)
+        # Another process owns the turn; it sees the request at its next checkpoint.
+        follower = await self.attach(conversation_id, message_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._settings.reliability.stream_checkpoint_interval + 4):
+                await follower.outcome()
+        if follower.task is not None:
+            follower.task.cancel()
+
+    def _cancel_local(self, turn: Turn) -> None:
+        if turn.task is not None and not turn.done and not turn.cancel_requested:
+            turn.cancel_requested = True
+            turn.task.cancel()
+
     async def _run(self, turn: Turn, reply_tokens: int) -> None:
+        assert turn.begun is not None
         provider = self._provider
         parts: list[str] = []
         usage: Usage | None = None
         finish: str | None = None
         error: ProviderError | None = None
+        status: MessageStatus | None = None
         options = GenerationOptions(
             max_tokens=reply_tokens, temperature=self._settings.llm.temperature
         )
+        checkpoints = self._spawn(self._checkpoints(turn, parts), f"checkpoint-{turn.ids}")
         try:
             async for event in provider.stream(turn.begun.context, options):
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
-                    turn.publish(TurnEvent(DELTA, MessageDelta(delta=event.text)))
+                    turn.publish_delta(event.text)
                 elif isinstance(event, Usage):
                     usage = event
                 elif isinstance(event, Finish):
                     finish = event.reason
                 elif isinstance(event, Routed):
                     turn.model_used = event.model
+                    turn.attempts, turn.fallbacks = event.attempts, event.fallbacks
         except ProviderError as exc:
             error = exc
         except asyncio.CancelledError:
-            # Shutdown cut this turn short: keep what was generated, then stop.
-            error = ProviderUnavailable("the server shut down before the reply was finished")
-            await asyncio.shield(self._finish(turn, parts, usage, finish, error))
-            raise
+            if not turn.cancel_requested:
+                # Shutdown cut this turn short: keep what was generated, then stop.
+                checkpoints.cancel()
+                error = ProviderUnavailable("the server shut down before the reply was finished")
+                await asyncio.shield(self._finish(turn, parts, usage, None, error))
+                raise
+            # Our own cancel: the provider stream is closed; store what we have.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            status = MessageStatus.CANCELLED
         except Exception as exc:  # a bug in a provider: never leave the row `streaming`
             logger.exception("provider %s raised an unexpected error", provider.name)
             error = ProviderError(f"provider failed: {type(exc).__name__}")
+        finally:
+            checkpoints.cancel()
         if usage is not None:
             provider.observe_usage(turn.begun.prompt_tokens, usage)
-        await self._finish(turn, parts, usage, finish, error)
+        await self._finish(turn, parts, usage, finish, error, status)
+
+    async def _checkpoints(self, turn: Turn, parts: list[str]) -> None:
+        """Store the partial reply now and then, renew the claim, and notice cancel requests."""
+        assert turn.begun is not None
+        interval = self._settings.reliability.stream_checkpoint_interval
+        stored = 0
+        while True:
+            await asyncio.sleep(interval)
+            text = "".join(parts) if len(parts) != stored else None
+            try:
+                async with self._sessionmaker.begin() as session:
+                    cancelled = await service.checkpoint(
+                        session, turn=turn.begun, content=text, lease=self._lease
+                    )
+            except Exception as exc:
+                logger.warning("checkpoint of %s failed: %s", turn.ids, type(exc).__name__)
+                continue
+            stored = len(parts)
+            if cancelled:
+                self._cancel_local(turn)
+                return
 
     async def _finish(
         self,
@@ -197,28 +317,53 @@ class TurnManager:
         usage: Usage | None,
         finish: str | None,
         error: ProviderError | None,
+        status: MessageStatus | None = None,
     ) -> None:
+        assert turn.begun is not None
         text = "".join(parts)
-        if error is None and finish is not None:
-            status = MessageStatus.COMPLETED
-        elif text:
-            status = MessageStatus.INCOMPLETE
-        else:
-            status = MessageStatus.FAILED
+        if status is None:
+            if error is None and finish is not None:
+                status = MessageStatus.COMPLETED
+            elif text:
+                status = MessageStatus.INCOMPLETE
+            else:
+                status = MessageStatus.FAILED
         app_error: AppError | None = None
-        if status is not MessageStatus.COMPLETED:
+        if status is MessageStatus.CANCELLED:
+            app_error = GenerationCancelled("The generation was cancelled.")
+        elif status is not MessageStatus.COMPLETED:
             app_error = UpstreamError.from_provider(
-                error
-                or ProviderUnavailable("the upstream stream ended before the reply was finished")
+                error or ProviderUnavailable("the upstream stream ended before the reply was done")
             )
-        stored_error = _stored_error(app_error)
-        token_count = usage.completion_tokens if usage else self._provider.count_tokens(text)
-        if await self._persist(turn, text, status, token_count, usage, finish, stored_error):
-            turn.publish(self._terminal(turn, text, status, usage, finish, app_error))
-            return
-        # The reply could not be stored: say so rather than report a success we cannot keep.
-        lost = ReplyNotStored("The reply could not be stored; the database is unavailable.")
-        turn.publish(self._terminal(turn, text, MessageStatus.FAILED, usage, finish, lost))
+        completion_tokens = usage.completion_tokens if usage else self._provider.count_tokens(text)
+        if usage is None and status is MessageStatus.CANCELLED:
+            # A cancelled stream never reaches the provider's usage chunk: count it ourselves.
+            prompt = turn.begun.prompt_tokens
+            usage = Usage(prompt, completion_tokens, prompt + completion_tokens)
+        stored = await self._persist(
+            turn, text, status, completion_tokens, usage, finish, stored_error(app_error)
+        )
+        if not stored:
+            # The reply could not be stored: say so rather than report a success we lost.
+            status, app_error = (
+                MessageStatus.FAILED,
+                ReplyNotStored("The reply could not be stored; the database is unavailable."),
+            )
+        turn.error = app_error
+        self._turns.pop(turn.ids.assistant_message_id, None)
+        turn.publish(
+            terminal_event(
+                turn.ids,
+                text=text,
+                status=status,
+                model_used=turn.model_used,
+                finish_reason=finish,
+                usage=usage_dict(usage),
+                error=stored_error(app_error),
+                attempts=turn.attempts,
+                fallbacks=turn.fallbacks,
+            )
+        )
 
     async def _persist(
         self,
@@ -228,8 +373,9 @@ class TurnManager:
         token_count: int,
         usage: Usage | None,
         finish: str | None,
-        error: dict[str, Any] | None,
+        error: dict[str, object] | None,
     ) -> bool:
+        assert turn.begun is not None
         for attempt in range(PERSIST_ATTEMPTS):
             try:
                 async with self._sessionmaker.begin() as session:
@@ -247,79 +393,75 @@ class TurnManager:
                 return True
             except Exception as exc:
                 if not is_transient_db_error(exc) or attempt == PERSIST_ATTEMPTS - 1:
-                    logger.error(
-                        "could not store reply %s: %s",
-                        turn.begun.assistant_message_id,
-                        type(exc).__name__,
-                    )
+                    logger.error("could not store reply %s: %s", turn.ids, type(exc).__name__)
                     return False
-                await asyncio.sleep(PERSIST_BACKOFF * 2**attempt)
+                await asyncio.sleep(min(PERSIST_BACKOFF * 2**attempt, PERSIST_BACKOFF_CAP))
         return False  # pragma: no cover - the loop always returns
 
-    def _terminal(
-        self,
-        turn: Turn,
-        text: str,
-        status: MessageStatus,
-        usage: Usage | None,
-        finish: str | None,
-        error: AppError | None,
-    ) -> TurnEvent:
-        usage_out = (
-            None
-            if usage is None
-            else UsageOut(
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                total_tokens=usage.total_tokens,
-            )
-        )
-        turn.error = error
-        if error is None:
-            return TurnEvent(
-                COMPLETED,
-                ChatResponse(
-                    **_ids(turn.begun),
-                    response=text,
-                    model_used=turn.model_used,
-                    status=status,
-                    finish_reason=finish,
-                    usage=usage_out,
-                ),
-            )
-        return TurnEvent(
-            INCOMPLETE if status is MessageStatus.INCOMPLETE else FAILED,
-            TurnError(
-                **_ids(turn.begun),
-                error=_stored_error(error) or {},
-                status=status,
-                partial_response=text,
+    async def _follow(self, turn: Turn) -> None:
+        """Mirror a turn running in another process by polling its row until it ends."""
+        deadline = asyncio.get_running_loop().time() + self._settings.llm.total_timeout + 60
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            async with self._sessionmaker() as session:
+                message = await session.get(Message, turn.ids.assistant_message_id)
+            if message is None:
+                break
+            if message.status != MessageStatus.STREAMING:
+                self._publish_row(turn, message)
+                return
+            if len(message.content) > turn.text_length:
+                turn.publish_delta(message.content[turn.text_length :])
+        lost = GenerationInterrupted("The reply is no longer being generated.")
+        turn.publish(
+            terminal_event(
+                turn.ids,
+                text="",
+                status=MessageStatus.INCOMPLETE,
                 model_used=turn.model_used,
-            ),
+                finish_reason=None,
+                usage=None,
+                error=stored_error(lost),
+            )
         )
+
+    def _publish_row(self, turn: Turn, message: Message) -> None:
+        """Publish what a finished row holds: the rest of its text, then its terminal event."""
+        if len(message.content) > turn.text_length:
+            turn.publish_delta(message.content[turn.text_length :])
+        turn.publish(
+            terminal_event(
+                turn.ids,
+                text=message.content,
+                status=MessageStatus(message.status),
+                model_used=message.model_used or "",
+                finish_reason=message.finish_reason,
+                usage=message.usage,
+                error=message.error,
+            )
+        )
+
+    async def reap_forever(self) -> None:
+        """Mark orphaned `streaming` rows `incomplete`, at start and then periodically."""
+        while True:
+            try:
+                async with self._sessionmaker.begin() as session:
+                    reaped = await service.reap_orphans(session)
+                if reaped:
+                    logger.warning("marked %d interrupted replies incomplete", reaped)
+            except Exception as exc:
+                logger.warning("reaper failed: %s", type(exc).__name__)
+            await asyncio.sleep(REAP_INTERVAL)
 
     async def drain(self, grace: float) -> None:
         """Let running turns finish for up to `grace` seconds, then cut the rest short; a cut
         turn stores its partial reply as `incomplete` before its task ends."""
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in pending:
+        running = {t.task for t in self._turns.values() if t.task is not None}
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in list(self._tasks):
             task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-def _ids(begun: service.BegunTurn) -> dict[str, uuid.UUID]:
-    return {
-        "conversation_id": begun.conversation_id,
-        "user_message_id": begun.user_message_id,
-        "assistant_message_id": begun.assistant_message_id,
-    }
-
-
-def _stored_error(error: AppError | None) -> dict[str, Any] | None:
-    if error is None:
-        return None
-    return {"code": error.code, "message": error.message, "status": error.status_code}
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -13,10 +13,12 @@ streaming `POST {base_url}/chat/completions`. Its SSE body is parsed by `llm.sse
     data: [DONE] / clean EOF -> end: Usage and Finish if seen; with no finish_reason the
                                 iterator just stops, so the caller stores the reply as incomplete
 
-Deadlines are our own, from `Timeouts`, and apply to the reads, never to the consumer's time:
-`connect` is aiohttp's connect timeout. `first_token` runs from the start of the request to the
-first TextDelta. `idle` is the longest gap between TextDeltas. `total` covers the whole call.
-Keep-alive comments (`: ping`) do not reset any of them.
+Deadlines are our own, from `Timeouts`: `connect` is aiohttp's connect timeout. `first_token`
+runs from the start of the request to the first TextDelta. `idle` is the longest gap between
+TextDeltas, counted from when the consumer asks for more, so its own time is not idleness.
+`total` covers the whole call, and a consumer that holds the stream past it gets the error at
+the next read. Keep-alive comments (`: ping`) reset none of them. One timer per call enforces
+them on the reads (`_ReadDeadline`); a timeout per read would cost more than the token it guards.
 
 A non-2xx status becomes `errors.error_for_status()`, with the message of a JSON error body
 (secret-free, at most 200 characters). An HTML error page gives a generic detail, and the

@@ -23,20 +23,20 @@ rather than character by character.
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_MAX_EVENT_SIZE = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
+# Named tuples, not frozen dataclasses: as immutable, and several times cheaper to build, which
+# matters once per token.
+class SSEEvent(NamedTuple):
     data: str
     event: str = "message"
     id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class SSEComment:
+class SSEComment(NamedTuple):
     text: str
 
 
@@ -60,11 +60,14 @@ class SSEParser:
         "_pending",
         "_skip_lf",
         "_started",
+        "_utf8_pending",
         "retry",
     )
 
     def __init__(self, *, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # The incremental decoder holds the start of a character split across chunks.
+        self._utf8_pending = False
         self._max = max_event_size
         # An unterminated line carried over to the next chunk; it never holds a CR or LF.
         self._pending = ""
@@ -84,7 +87,14 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEItem]:
         """Parse the next piece of the body; return the events and comments it completed."""
-        text = self._decoder.decode(chunk)
+        if self._utf8_pending:
+            text = self._decode_slowly(chunk)
+        else:
+            # Fast path: a chunk that is valid UTF-8 on its own (nearly all of them).
+            try:
+                text = chunk.decode()
+            except UnicodeDecodeError:
+                text = self._decode_slowly(chunk)
         if not text:
             return []
         if not self._started:
@@ -153,3 +163,8 @@ class SSEParser:
                     self.retry = int(value)
             # Any other field name is ignored, as the spec requires.
         return out
+
+    def _decode_slowly(self, chunk: bytes) -> str:
+        text = self._decoder.decode(chunk)
+        self._utf8_pending = bool(self._decoder.getstate()[0])
+        return text

@@ -1,0 +1,110 @@
+"""The in-process limiter: exact, and shared by every request of one process only.
+
+Everything runs on the event loop with no `await` inside a decision, so no lock is needed.
+Keys that fall idle are swept every `SWEEP_EVERY` operations, so memory stays bounded by the
+keys active in the last window (a failed-auth key per client address, for instance).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from chatbot_api.limits.base import Decision
+
+SWEEP_EVERY = 1024
+
+
+class MemoryLimiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._logs: dict[str, tuple[float, deque[float]]] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        self._counters: dict[str, tuple[int, float]] = {}
+        self._ops = 0
+
+    def _log(self, key: str, window: float, now: float) -> deque[float]:
+        _, log = self._logs.get(key, (window, deque()))
+        while log and log[0] <= now - window:
+            log.popleft()
+        self._logs[key] = (window, log)
+        return log
+
+    @staticmethod
+    def _decide(log: deque[float], limit: int, window: float, now: float, allowed: bool) -> Decision:
+        remaining = max(0, limit - len(log))
+        retry_after = 0.0 if remaining else max(0.0, log[0] + window - now)
+        reset_after = max(0.0, log[-1] + window - now) if log else 0.0
+        return Decision(allowed, limit, remaining, retry_after, reset_after)
+
+    async def hit(self, key: str, *, limit: int, window: float) -> Decision:
+        now = self._tick()
+        log = self._log(key, window, now)
+        allowed = len(log) < limit
+        if allowed:
+            log.append(now)
+        return self._decide(log, limit, window, now, allowed)
+
+    async def peek(self, key: str, *, limit: int, window: float) -> Decision:
+        now = self._tick()
+        log = self._log(key, window, now)
+        return self._decide(log, limit, window, now, len(log) < limit)
+
+    async def acquire(self, key: str, token: str, *, limit: int, lease: float) -> Decision:
+        now = self._tick()
+        leases = {t: exp for t, exp in self._leases.get(key, {}).items() if exp > now}
+        allowed = len(leases) < limit
+        if allowed:
+            leases[token] = now + lease
+        self._leases[key] = leases
+        remaining = max(0, limit - len(leases))
+        retry_after = 0.0 if remaining else max(0.0, min(leases.values()) - now)
+        return Decision(allowed, limit, remaining, retry_after, retry_after)
+
+    async def release(self, key: str, token: str) -> None:
+        self._leases.get(key, {}).pop(token, None)
+
+    async def add(self, key: str, amount: int, *, ttl: float) -> int:
+        now = self._tick()
+        value, expires = self._counters.get(key, (0, now + ttl))
+        if expires <= now:
+            value, expires = 0, now + ttl
+        self._counters[key] = (value + amount, expires)
+        return value + amount
+
+    async def total(self, key: str) -> int:
+        now = self._tick()
+        value, expires = self._counters.get(key, (0, now))
+        return value if expires > now else 0
+
+    async def claim(self, key: str, *, ttl: float) -> bool:
+        now = self._tick()
+        _, expires = self._counters.get(key, (0, now))
+        if expires > now:
+            return False
+        self._counters[key] = (1, now + ttl)
+        return True
+
+    async def aclose(self) -> None:
+        self._logs.clear()
+        self._leases.clear()
+        self._counters.clear()
+
+    def _tick(self) -> float:
+        now = self._clock()
+        self._ops += 1
+        if self._ops % SWEEP_EVERY == 0:
+            self._sweep(now)
+        return now
+
+    def _sweep(self, now: float) -> None:
+        self._logs = {
+            k: (w, log) for k, (w, log) in self._logs.items() if log and log[-1] > now - w
+        }
+        self._leases = {
+            k: live
+            for k, leases in self._leases.items()
+            if (live := {t: exp for t, exp in leases.items() if exp > now})
+        }
+        self._counters = {k: v for k, v in self._counters.items() if v[1] > now}

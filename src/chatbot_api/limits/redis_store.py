@@ -1,0 +1,164 @@
+"""The Redis limiter: one limit shared by every process that talks to the same Redis.
+
+Every decision is a single Lua script, so it is atomic however many processes ask at once,
+and it reads the time from Redis (`TIME`), so the processes' clocks never need to agree.
+The sliding-window log is a sorted set of event timestamps in microseconds; leases are a
+sorted set of tokens scored by their expiry; counters are plain integers with a TTL. Every
+key expires by itself once its window has passed.
+
+A Redis that cannot be reached is a 503 (`LimiterUnavailable`), never an unmetered request.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from chatbot_api.errors import LimiterUnavailable
+from chatbot_api.limits.base import Decision
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
+
+# KEYS[1] log; ARGV: limit, window (us), member, "1" to count the event or "0" to peek.
+_HIT = (
+    _NOW
+    + """
+local key, limit, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+local count = redis.call('ZCARD', key)
+local allowed = 0
+if count < limit then
+  allowed = 1
+  if ARGV[4] == '1' then
+    redis.call('ZADD', key, now, ARGV[3])
+    redis.call('PEXPIRE', key, math.ceil(window / 1000))
+    count = count + 1
+  end
+end
+local retry, reset = 0, 0
+if count >= limit and count > 0 then
+  retry = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + window - now
+end
+if count > 0 then
+  reset = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) + window - now
+end
+return {allowed, count, retry, reset}
+"""
+)
+
+# KEYS[1] leases; ARGV: limit, lease (us), token.
+_ACQUIRE = (
+    _NOW
+    + """
+local key, limit, lease = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+local count = redis.call('ZCARD', key)
+local allowed = 0
+if count < limit then
+  redis.call('ZADD', key, now + lease, ARGV[3])
+  redis.call('PEXPIRE', key, math.ceil(lease / 1000))
+  count = count + 1
+  allowed = 1
+end
+local retry = 0
+if count >= limit and count > 0 then
+  retry = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) - now
+end
+return {allowed, count, retry}
+"""
+)
+
+# KEYS[1] counter; ARGV: amount, ttl (ms). The TTL is set once, when the counter is created.
+_ADD = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return value
+"""
+
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 2.0
+
+
+def _us(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1_000_000))
+
+
+class RedisLimiter:
+    def __init__(self, url: str, *, prefix: str = "chatbot:limits:") -> None:
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT
+        )
+        self._prefix = prefix
+        self._hit = self._redis.register_script(_HIT)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._add = self._redis.register_script(_ADD)
+
+    async def _run(self, call: Any) -> Any:
+        try:
+            return await call
+        except RedisError as exc:
+            raise LimiterUnavailable(
+                f"The rate limiter is unavailable ({type(exc).__name__}); retry shortly."
+            ) from None
+
+    async def _window(
+        self, key: str, *, limit: int, window: float, count: bool, member: str
+    ) -> Decision:
+        args = [limit, _us(window), member, "1" if count else "0"]
+        allowed, used, retry, reset = await self._run(
+            self._hit(keys=[self._prefix + key], args=args)
+        )
+        return Decision(
+            allowed=bool(allowed),
+            limit=limit,
+            remaining=max(0, limit - int(used)),
+            retry_after=max(0, int(retry)) / 1_000_000,
+            reset_after=max(0, int(reset)) / 1_000_000,
+        )
+
+    async def hit(self, key: str, *, limit: int, window: float) -> Decision:
+        return await self._window(
+            key, limit=limit, window=window, count=True, member=uuid.uuid4().hex
+        )
+
+    async def peek(self, key: str, *, limit: int, window: float) -> Decision:
+        return await self._window(key, limit=limit, window=window, count=False, member="")
+
+    async def acquire(self, key: str, token: str, *, limit: int, lease: float) -> Decision:
+        allowed, used, retry = await self._run(
+            self._acquire(keys=[self._prefix + key], args=[limit, _us(lease), token])
+        )
+        retry_after = max(0, int(retry)) / 1_000_000
+        return Decision(bool(allowed), limit, max(0, limit - int(used)), retry_after, retry_after)
+
+    async def release(self, key: str, token: str) -> None:
+        await self._run(self._redis.zrem(self._prefix + key, token))
+
+    async def add(self, key: str, amount: int, *, ttl: float) -> int:
+        ttl_ms = max(1, math.ceil(ttl * 1000))
+        value = await self._run(self._add(keys=[self._prefix + key], args=[amount, ttl_ms]))
+        return int(value)
+
+    async def total(self, key: str) -> int:
+        value = await self._run(self._redis.get(self._prefix + key))
+        return int(value) if value is not None else 0
+
+    async def claim(self, key: str, *, ttl: float) -> bool:
+        ttl_ms = max(1, math.ceil(ttl * 1000))
+        return bool(await self._run(self._redis.set(self._prefix + key, 1, px=ttl_ms, nx=True)))
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except RedisError:
+            return False
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,226 @@
+"""The limits each key is held to, and the checks that enforce them.
+
+    requests per minute     every authenticated request (sliding window, exact)
+    concurrent streams      generations in flight at once, streamed or not: a slot is taken
+                            before the turn starts and given back when its reply is stored,
+                            not when the client leaves, because the generation still runs
+    tokens per day          prompt + completion as the provider reports them, per UTC day;
+                            checked before a turn starts, counted once when its reply is stored
+    failed authentications  per client address, far fewer than the request rate, and checked
+                            before the key is: a client guessing keys is told nothing more
+
+An exceeded limit is a `RateLimited` error (429) with `Retry-After` and the
+`x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers that OpenAI and Groq send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol, TypeVar
+
+from chatbot_api.errors import AppError, ModelNotAllowed, RateLimited
+from chatbot_api.limits.base import Decision, Limiter
+
+logger = logging.getLogger(__name__)
+
+MINUTE = 60.0
+DAY = 86_400.0
+# A usage marker outlives the day it was counted in, so a replay the next day is not recounted.
+USAGE_MARKER_TTL = 2 * DAY
+
+Kind = Literal["requests", "tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    requests_per_minute: int
+    concurrent_streams: int
+    tokens_per_day: int
+
+
+def format_duration(seconds: float) -> str:
+    """`6m0s`, `1.5s`, `20ms`: the reset format of OpenAI's and Groq's headers."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    text = f"{secs:.2f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    if minutes:
+        return f"{minutes}m{text}"
+    return text
+
+
+def ratelimit_headers(kind: Kind, decision: Decision) -> dict[str, str]:
+    return {
+        f"x-ratelimit-limit-{kind}": str(decision.limit),
+        f"x-ratelimit-remaining-{kind}": str(decision.remaining),
+        f"x-ratelimit-reset-{kind}": format_duration(decision.reset_after),
+    }
+
+
+def _exceeded(message: str, kind: Kind, decision: Decision, code: str = "rate_limited") -> AppError:
+    return RateLimited(
+        message,
+        retry_after=decision.retry_after,
+        headers=ratelimit_headers(kind, decision),
+        code=code,
+    )
+
+
+async def admit_request(limiter: Limiter, *, subject: str, limits: KeyLimits) -> Decision:
+    """Count one request against the key's per-minute limit, or raise `RateLimited`."""
+    decision = await limiter.hit(
+        f"rpm:{subject}", limit=limits.requests_per_minute, window=MINUTE
+    )
+    if not decision.allowed:
+        raise _exceeded(
+            f"Over the limit of {limits.requests_per_minute} requests per minute for this key.",
+            "requests",
+            decision,
+        )
+    return decision
+
+
+async def check_auth_throttle(limiter: Limiter, *, client: str, limit: int) -> None:
+    """Refuse a client that has sent too many bad keys lately, before its key is looked at."""
+    decision = await limiter.peek(f"authfail:{client}", limit=limit, window=MINUTE)
+    if not decision.allowed:
+        raise RateLimited(
+            "Too many requests with an invalid API key from this client; retry later.",
+            retry_after=decision.retry_after,
+            code="too_many_failed_attempts",
+        )
+
+
+async def record_auth_failure(limiter: Limiter, *, client: str, limit: int) -> None:
+    await limiter.hit(f"authfail:{client}", limit=limit, window=MINUTE)
+
+
+def resolve_generation(
+    *,
+    model: str | None,
+    max_tokens: int | None,
+    default_model: str,
+    allowed_models: list[str],
+    max_tokens_cap: int,
+) -> tuple[str, int]:
+    """The model and reply budget a turn may use: a model outside the allowlist is a 403
+    (the default model is always allowed), and `max_tokens` is clamped to the server cap."""
+    chosen = model or default_model
+    if chosen != default_model and chosen not in allowed_models:
+        raise ModelNotAllowed(
+            f"The model {chosen[:100]!r} is not allowed on this server.",
+            details=[{"allowed_models": sorted({default_model, *allowed_models})}],
+        )
+    return chosen, min(max_tokens or max_tokens_cap, max_tokens_cap)
+
+
+class _Outcome(Protocol):
+    """What a started turn offers the guard: the terminal event, once the reply is stored."""
+
+    async def outcome(self) -> Any: ...
+
+
+T = TypeVar("T", bound=_Outcome)
+
+
+def _today(now: datetime) -> tuple[str, float]:
+    """The UTC day's key suffix and the seconds until it ends."""
+    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return now.strftime("%Y%m%d"), (tomorrow - now).total_seconds()
+
+
+class Generations:
+    """Guards the start of every turn (daily tokens, concurrent streams) and settles it when
+    its reply is stored (usage counted, slot released). Created in the app's lifespan; its
+    watcher tasks are drained there after the turns themselves."""
+
+    def __init__(self, limiter: Limiter, *, stream_lease: float) -> None:
+        self._limiter = limiter
+        self._lease = stream_lease
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    async def start(self, subject: str, limits: KeyLimits, begin: Callable[[], Awaitable[T]]) -> T:
+        """Check the key's daily tokens, take a stream slot, then `begin()` the turn. The slot
+        is released at once if the turn does not start (404, 409, 422...)."""
+        day, until_midnight = _today(datetime.now(UTC))
+        used = await self._limiter.total(f"tokens:{subject}:{day}")
+        tokens = Decision(
+            allowed=used < limits.tokens_per_day,
+            limit=limits.tokens_per_day,
+            remaining=max(0, limits.tokens_per_day - used),
+            retry_after=until_midnight,
+            reset_after=until_midnight,
+        )
+        if not tokens.allowed:
+            raise _exceeded(
+                f"This key has used its {limits.tokens_per_day} tokens for today (UTC).",
+                "tokens",
+                tokens,
+                code="token_budget_exhausted",
+            )
+        token = uuid.uuid4().hex
+        slot = await self._limiter.acquire(
+            f"streams:{subject}", token, limit=limits.concurrent_streams, lease=self._lease
+        )
+        if not slot.allowed:
+            raise RateLimited(
+                f"This key already has {limits.concurrent_streams} generations in flight.",
+                retry_after=min(slot.retry_after, 5.0),
+                code="too_many_streams",
+            )
+        try:
+            turn = await begin()
+        except BaseException:
+            await self._limiter.release(f"streams:{subject}", token)
+            raise
+        watcher = asyncio.create_task(self._settle(turn, subject, token), name="limits-settle")
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return turn
+
+    async def _settle(self, turn: _Outcome, subject: str, token: str) -> None:
+        try:
+            event = await turn.outcome()
+            data = getattr(event, "data", None)
+            usage = getattr(data, "usage", None)
+            message_id = getattr(data, "assistant_message_id", None)
+            if usage is not None and message_id is not None:
+                # Counted once per reply: an idempotent replay reads the same outcome again.
+                if await self._limiter.claim(f"usage:{message_id}", ttl=USAGE_MARKER_TTL):
+                    day, until_midnight = _today(datetime.now(UTC))
+                    spent = int(usage.prompt_tokens) + int(usage.completion_tokens)
+                    await self._limiter.add(
+                        f"tokens:{subject}:{day}", spent, ttl=until_midnight + 3600
+                    )
+        except Exception as exc:  # a limiter outage must not take the turn down with it
+            logger.warning("could not settle the limits of a turn: %s", type(exc).__name__)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._limiter.release(f"streams:{subject}", token)
+
+    async def drain(self, timeout: float) -> None:
+        if self._watchers:
+            _, pending = await asyncio.wait(set(self._watchers), timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+
+def create_limiter(backend: Literal["memory", "redis"], *, redis_url: str, prefix: str) -> Limiter:
+    """The limiter for `LIMITS_BACKEND`; nothing connects until the first check."""
+    if backend == "redis":
+        from chatbot_api.limits.redis_store import RedisLimiter
+
+        return RedisLimiter(redis_url, prefix=prefix)
+    from chatbot_api.limits.memory import MemoryLimiter
+
+    return MemoryLimiter()

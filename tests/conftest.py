@@ -20,17 +20,34 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
+from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from chatbot_api import migrate
-from chatbot_api.config import DatabaseSettings, LimitSettings, LLMSettings, Settings
+from chatbot_api.auth import service as auth_service
+from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID, KeyScope, Principal
+from chatbot_api.config import (
+    AuthSettings,
+    DatabaseSettings,
+    LimitSettings,
+    LLMSettings,
+    ReliabilitySettings,
+    Settings,
+)
 from chatbot_api.main import create_app
 from chatbot_api.testing.fake_llm import FakeLLM
 
 PG_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 PG_TEST_DB = f"chatbot_test_{os.getpid()}"
 FAKE_KEY = "sk-test-fake-0123456789"
+TEST_SERVER_SECRET = "test-server-secret-0123456789abcdef0123456789"
+# The main suite is not about limits: each test's key may do far more than a real one.
+# tests/limits/ sets its own.
+GENEROUS_LIMITS = {
+    "requests_per_minute": 1_000_000,
+    "concurrent_streams": 10_000,
+    "tokens_per_day": 1_000_000_000,
+}
 
 
 def pg_url(database: str) -> str:
@@ -90,6 +107,8 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     async with engine.begin() as connection:
         await connection.execute(text("DELETE FROM messages"))
         await connection.execute(text("DELETE FROM conversations"))
+        await connection.execute(text("DELETE FROM api_keys"))
+        await connection.execute(delete(Principal).where(Principal.id != LOCAL_PRINCIPAL_ID))
     await engine.dispose()
 
 
@@ -111,6 +130,8 @@ def make_settings(db_url: str, fake_llm: FakeLLM) -> SettingsFactory:
         llm: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
         db: dict[str, Any] | None = None,
+        reliability: dict[str, Any] | None = None,
+        auth: dict[str, Any] | None = None,
         **top: Any,
     ) -> Settings:
         llm_values: dict[str, Any] = {
@@ -130,7 +151,16 @@ def make_settings(db_url: str, fake_llm: FakeLLM) -> SettingsFactory:
             environment="test",
             db=DatabaseSettings(_env_file=None, **{"url": db_url, **(db or {})}),
             llm=LLMSettings(_env_file=None, **llm_values),
-            limits=LimitSettings(_env_file=None, **(limits or {})),
+            limits=LimitSettings(_env_file=None, **{**GENEROUS_LIMITS, **(limits or {})}),
+            reliability=ReliabilitySettings(_env_file=None, **(reliability or {})),
+            auth=AuthSettings(
+                _env_file=None,
+                **{
+                    "server_secret": TEST_SERVER_SECRET,
+                    "bootstrap_admin_key": False,
+                    **(auth or {}),
+                },
+            ),
             **top,
         )
 
@@ -152,6 +182,9 @@ async def app_factory(
         context = app.router.lifespan_context(app)
         await context.__aenter__()
         stack.append(context)
+        if app.state.settings.auth.mode == "enabled":
+            # What `client_for` authenticates with: a real key of a fresh user.
+            app.state.test_api_key = await issue_key(app)
         return app
 
     yield start
@@ -165,9 +198,30 @@ async def app(app_factory: Callable[..., Any]) -> FastAPI:
     return created
 
 
-def client_for(app: FastAPI) -> httpx.AsyncClient:
+async def issue_key(
+    app: FastAPI, *, user: str | None = None, scope: KeyScope = KeyScope.USER, **limits: Any
+) -> str:
+    """A new key, stored through the auth service in the app's database; returns the secret."""
+    async with app.state.sessionmaker.begin() as session:
+        issued = await auth_service.create_key(
+            session,
+            user=user or f"user-{uuid.uuid4().hex[:12]}",
+            name="test key",
+            scope=scope,
+            server_secret=app.state.settings.auth.server_secret.get_secret_value(),
+            **limits,
+        )
+    return issued.secret
+
+
+def client_for(app: FastAPI, key: str | None = None) -> httpx.AsyncClient:
+    """A client on `app`, authenticated with `key`, or with the app's test key if it has one."""
+    key = key or getattr(app.state, "test_api_key", None)
     return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver", timeout=30
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://testserver",
+        timeout=30,
+        headers={"Authorization": f"Bearer {key}"} if key else None,
     )
 
 

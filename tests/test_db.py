@@ -12,6 +12,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID
 from chatbot_api.config import DatabaseSettings
 from chatbot_api.conversations.models import Conversation, Message, MessageStatus
 from chatbot_api.db import create_engine, create_sessionmaker
@@ -22,7 +23,7 @@ SANTIAGO = timezone(timedelta(hours=-3))
 
 async def store_conversation(engine: AsyncEngine, **values: object) -> uuid.UUID:
     async with create_sessionmaker(engine)() as session, session.begin():
-        conversation = Conversation(**values)
+        conversation = Conversation(**{"owner_id": LOCAL_PRINCIPAL_ID, **values})
         session.add(conversation)
     return conversation.id
 

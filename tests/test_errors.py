@@ -13,10 +13,23 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatbot_api.config import DatabaseSettings, LimitSettings, LLMSettings, Settings
+from chatbot_api.config import (
+    AuthSettings,
+    DatabaseSettings,
+    LimitSettings,
+    LLMSettings,
+    Settings,
+)
 from chatbot_api.main import create_app
 from chatbot_api.testing.fake_llm import FakeLLM
-from tests.conftest import FAKE_KEY, AppFactory, client_for, count_rows, create_conversation
+from tests.conftest import (
+    FAKE_KEY,
+    TEST_SERVER_SECRET,
+    AppFactory,
+    client_for,
+    count_rows,
+    create_conversation,
+)
 
 BASE = "/api/v1/conversations"
 LIMIT = 1024
@@ -175,12 +188,18 @@ class TestDatabaseUnavailable:
                 model="fake-model",
             ),
             limits=LimitSettings(_env_file=None),
+            auth=AuthSettings(_env_file=None, server_secret=TEST_SERVER_SECRET),
         )
         app = create_app(settings)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with (
             app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url="http://testserver") as http,
+            httpx.AsyncClient(
+                transport=transport,
+                base_url="http://testserver",
+                # Well formed: checking it is what needs the database.
+                headers={"Authorization": "Bearer cbk_" + "0" * 43},
+            ) as http,
         ):
             response = await http.post(BASE)
 

@@ -10,10 +10,16 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from chatbot_api.config import DatabaseSettings, LimitSettings, LLMSettings, Settings
+from chatbot_api.config import (
+    AuthSettings,
+    DatabaseSettings,
+    LimitSettings,
+    LLMSettings,
+    Settings,
+)
 from chatbot_api.main import create_app
 from chatbot_api.testing.fake_llm import FakeLLM
-from tests.conftest import FAKE_KEY, AppFactory, client_for
+from tests.conftest import FAKE_KEY, TEST_SERVER_SECRET, AppFactory, client_for
 
 UNREACHABLE_DATABASES = [
     "postgresql+asyncpg://postgres@127.0.0.1:1/x",
@@ -47,6 +53,7 @@ def settings_with_database(url: str, fake_llm: FakeLLM) -> Settings:
             model="fake-model",
         ),
         limits=LimitSettings(_env_file=None),
+        auth=AuthSettings(_env_file=None, server_secret=TEST_SERVER_SECRET),
     )
 
 

@@ -15,10 +15,13 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.testing.fake_llm import FakeLLM, Script
+from tests.auth.helpers import SERVER_ENV, bearer, key_in_database
 from tests.chat.helpers import messages
 from tests.conftest import FAKE_KEY
 
 ServerFactory = Callable[[str], Awaitable[str]]
+# The API key each started server (by base URL) accepts.
+KEYS: dict[str, str] = {}
 
 
 def _free_port() -> int:
@@ -43,6 +46,7 @@ async def start_server(fake_llm: FakeLLM) -> AsyncIterator[ServerFactory]:
             "LLM_API_KEY": FAKE_KEY,
             "LLM_MODEL": "fake-model",
             "LOG_LEVEL": "WARNING",
+            **SERVER_ENV,
         }
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -63,6 +67,7 @@ async def start_server(fake_llm: FakeLLM) -> AsyncIterator[ServerFactory]:
             for _ in range(150):
                 try:
                     if (await http.get("/health")).status_code == 200:
+                        KEYS[base] = await key_in_database(db_url)
                         return base
                 except httpx.TransportError:
                     pass
@@ -101,7 +106,7 @@ class TestClientDisconnect:
         deltas = tuple(f"tok{i} " for i in range(30))
         fake_llm.enqueue(Script(deltas=deltas, token_delay=0.05))
         base = await start_server(db_url)
-        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=base, timeout=10, headers=bearer(KEYS[base])) as http:
             conversation_id = (await http.post("/api/v1/conversations")).json()["id"]
             seen = 0
             async with http.stream(
@@ -127,7 +132,9 @@ class TestSeveralProcesses:
     ) -> None:
         fake_llm.default = Script(reply="ok", ttft=0.02)
         bases = [await start_server(postgres_url), await start_server(postgres_url)]
-        clients = [httpx.AsyncClient(base_url=b, timeout=20) for b in bases]
+        # One caller, through both servers.
+        auth = bearer(KEYS[bases[0]])
+        clients = [httpx.AsyncClient(base_url=b, timeout=20, headers=auth) for b in bases]
         try:
             conversation_id = (await clients[0].post("/api/v1/conversations")).json()["id"]
 

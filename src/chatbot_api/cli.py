@@ -1,11 +1,13 @@
-"""The `chatbot-api` command: `serve` and `migrate`."""
+"""The `chatbot-api` command: `serve`, `migrate` and `keys`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+from chatbot_api.auth import cli as auth_cli
 from chatbot_api.config import Settings, default_workers
 
 
@@ -26,6 +28,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     _configure_logging(settings.log_level)
+    refusal = auth_cli.refuse_public_without_auth(settings, args.host)
+    if refusal is not None:
+        sys.stderr.write(f"chatbot-api: {refusal}\n")
+        return 2
+    if "public_url" not in settings.auth.model_fields_set:
+        # The workers read it for the first-start curl line.
+        os.environ["AUTH_PUBLIC_URL"] = auth_cli.display_url(args.host, args.port)
     if args.migrate:
         _migrate(settings)
     workers = args.workers
@@ -77,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to the latest version")
     migrate.set_defaults(handler=cmd_migrate)
+    auth_cli.add_keys_parser(sub)
     return parser
 
 

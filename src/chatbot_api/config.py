@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chatbot_api.llm.base import Timeouts
@@ -100,6 +100,15 @@ class LLMSettings(BaseSettings):
     retry_after_cap: float = Field(10.0, ge=0, description="Longest Retry-After worth waiting.")
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown: float = Field(30.0, gt=0)
+    allowed_models: str | None = Field(
+        default=None,
+        description="Models a request may ask for besides the default one, comma-separated; "
+        "any other is a 403.",
+    )
+
+    @property
+    def allowed_model_list(self) -> list[str]:
+        return [m for m in (x.strip() for x in (self.allowed_models or "").split(",")) if m]
 
     @property
     def timeouts(self) -> Timeouts:
@@ -185,6 +194,35 @@ class LimitSettings(BaseSettings):
         ge=1024,
         validation_alias=AliasChoices("MAX_BODY_BYTES", "LIMITS_MAX_BODY_BYTES"),
     )
+    # Per-key defaults; a key can carry its own (`chatbot-api keys create --rpm ...`).
+    requests_per_minute: int = Field(
+        default=60,
+        ge=1,
+        validation_alias=AliasChoices(
+            "RATE_LIMIT_REQUESTS_PER_MINUTE", "LIMITS_REQUESTS_PER_MINUTE"
+        ),
+    )
+    concurrent_streams: int = Field(
+        default=4,
+        ge=1,
+        validation_alias=AliasChoices("RATE_LIMIT_CONCURRENT_STREAMS", "LIMITS_CONCURRENT_STREAMS"),
+        description="Generations (streamed or not) one key may have in flight at once.",
+    )
+    tokens_per_day: int = Field(
+        default=1_000_000,
+        ge=1,
+        validation_alias=AliasChoices("RATE_LIMIT_TOKENS_PER_DAY", "LIMITS_TOKENS_PER_DAY"),
+        description="Prompt + completion tokens, as the provider reports them, per UTC day.",
+    )
+    backend: Literal["memory", "redis"] = Field(
+        default="memory", description="`redis` when several processes must share the limits."
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        repr=False,
+        validation_alias=AliasChoices("REDIS_URL", "LIMITS_REDIS_URL"),
+    )
+    redis_prefix: str = Field(default="chatbot:limits:", min_length=1)
 
 
 class ReliabilitySettings(BaseSettings):
@@ -211,6 +249,35 @@ class ReliabilitySettings(BaseSettings):
     )
 
 
+# The documented development default: refused outside development (see `Settings`).
+DEV_SERVER_SECRET = "dev-insecure-server-secret-change-me"
+
+
+class AuthSettings(BaseSettings):
+    model_config = _group("AUTH_")
+
+    mode: Literal["enabled", "disabled"] = Field(
+        default="enabled",
+        description="`disabled` serves one local user with no key (loopback binds only).",
+    )
+    server_secret: SecretStr = Field(
+        default=SecretStr(DEV_SERVER_SECRET),
+        description="The HMAC key API keys are hashed under; changing it invalidates them.",
+    )
+    allow_disabled_on_public: bool = Field(
+        default=False, description="Let `AUTH_MODE=disabled` serve on a non-loopback address."
+    )
+    failed_attempts_per_minute: int = Field(
+        default=10, ge=1, description="Bad keys one client may send per minute before a 429."
+    )
+    bootstrap_admin_key: bool = Field(
+        default=True, description="On a first start with no key, create and print an admin key."
+    )
+    public_url: str = Field(
+        default="http://127.0.0.1:8000", description="Base URL shown in the first-start curl line."
+    )
+
+
 class Settings(BaseSettings):
     model_config = _group()
 
@@ -231,6 +298,27 @@ class Settings(BaseSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    cors_origins: str | None = Field(
+        default=None,
+        validation_alias="CORS_ORIGINS",
+        description="Browser origins allowed to call the API, comma-separated; none: no CORS.",
+    )
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o for o in (x.strip() for x in (self.cors_origins or "").split(",")) if o]
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret(self) -> Settings:
+        secret = self.auth.server_secret.get_secret_value()
+        if self.environment != "development" and (secret == DEV_SERVER_SECRET or len(secret) < 32):
+            raise ValueError(
+                "AUTH_SERVER_SECRET must be set to a random value of at least 32 characters "
+                "outside development (for example: python -c 'import secrets; "
+                "print(secrets.token_urlsafe(48))')"
+            )
+        return self
 
 
 def default_workers() -> int:

@@ -1,6 +1,14 @@
 """The application's error tree and the one handler that renders every error.
 
     AppError                         status  code
+    ├── Unauthorized                 401     unauthorized          (+ WWW-Authenticate)
+    │   ├── InvalidApiKey            401     invalid_api_key
+    │   └── KeyInQuery               401     key_in_query
+    ├── Forbidden                    403     forbidden
+    │   └── ModelNotAllowed          403     model_not_allowed
+    ├── RateLimited                  429     rate_limited, too_many_streams,
+    │                                        token_budget_exhausted, too_many_failed_attempts
+    │                                        (+ Retry-After, x-ratelimit-*)
     ├── NotFound                     404     not_found
     ├── ConversationBusy             409     conversation_busy     (+ Retry-After)
     ├── IdempotencyInFlight          409     idempotency_key_in_flight (+ Retry-After)
@@ -14,6 +22,7 @@
     │   └── DatabaseUnavailable      503     database_unavailable
     │       └── ReplyNotStored       503     reply_not_stored
     │   └── GenerationInterrupted    503     generation_interrupted
+    │   └── LimiterUnavailable       503     rate_limiter_unavailable
     └── UpstreamError                502/503/504, from a ProviderError (see `from_provider`)
 
 Every response body is one envelope:
@@ -62,6 +71,51 @@ class AppError(Exception):
 
     def envelope(self) -> dict[str, Any]:
         return error_envelope(self.code, self.message, self.details)
+
+
+class Unauthorized(AppError):
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class InvalidApiKey(Unauthorized):
+    code = "invalid_api_key"
+
+
+class KeyInQuery(Unauthorized):
+    code = "key_in_query"
+
+
+class Forbidden(AppError):
+    status_code = 403
+    code = "forbidden"
+
+
+class ModelNotAllowed(Forbidden):
+    code = "model_not_allowed"
+
+
+class RateLimited(AppError):
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            headers={"Retry-After": str(max(1, math.ceil(retry_after))), **(headers or {})},
+        )
+        if code is not None:
+            self.code = code
 
 
 class NotFound(AppError):
@@ -136,6 +190,10 @@ class ReplyNotStored(DatabaseUnavailable):
 
 class GenerationInterrupted(ServiceUnavailable):
     code = "generation_interrupted"
+
+
+class LimiterUnavailable(ServiceUnavailable):
+    code = "rate_limiter_unavailable"
 
 
 class UpstreamError(AppError):

@@ -14,7 +14,9 @@ from types import FrameType
 
 from fastapi import FastAPI
 
-from chatbot_api import __version__
+from chatbot_api import __version__, security
+from chatbot_api.auth.bootstrap import bootstrap
+from chatbot_api.auth.router import router as keys_router
 from chatbot_api.chat.router import router as chat_router
 from chatbot_api.chat.turns import TurnManager
 from chatbot_api.config import LLMSettings, ResolvedProvider, Settings
@@ -22,6 +24,7 @@ from chatbot_api.conversations.router import router as conversations_router
 from chatbot_api.db import create_engine, create_sessionmaker
 from chatbot_api.errors import install_error_handlers
 from chatbot_api.health import router as health_router
+from chatbot_api.limits.service import Generations, create_limiter
 from chatbot_api.llm.base import Provider
 from chatbot_api.llm.resilient import ResilientProvider, RetryPolicy
 from chatbot_api.middleware import BodySizeLimit
@@ -98,7 +101,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessionmaker = sessionmaker
         app.state.provider = provider
         app.state.turns = turns
+        limits = settings.limits
+        limiter = create_limiter(
+            limits.backend, redis_url=limits.redis_url, prefix=limits.redis_prefix
+        )
+        # A stream slot outlives the longest generation, so a dead process frees its slots.
+        generations = Generations(limiter, stream_lease=settings.llm.total_timeout + 60)
+        app.state.limiter = limiter
+        app.state.generations = generations
         app.state.shutting_down = False
+        security.install_log_redaction()
+        await bootstrap(
+            sessionmaker,
+            server_secret=settings.auth.server_secret.get_secret_value(),
+            base_url=settings.auth.public_url,
+            create_admin_key=settings.auth.mode == "enabled" and settings.auth.bootstrap_admin_key,
+        )
         _flip_readiness_on_sigterm(app)
         reaper = asyncio.create_task(turns.reap_forever(), name="reaper")
         logger.info("serving with provider=%s model=%s", provider.name, provider.model)
@@ -111,6 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.cancel()
             await asyncio.gather(reaper, return_exceptions=True)
             await turns.drain(settings.reliability.shutdown_grace_seconds)
+            await generations.drain(5.0)
+            await limiter.aclose()
             await provider.aclose()
             await engine.dispose()
 
@@ -127,7 +147,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(conversations_router)
     app.include_router(chat_router)
+    app.include_router(keys_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    security.install(app, cors_origins=settings.cors_origin_list)
     return app
 
 

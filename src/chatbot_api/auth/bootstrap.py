@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot_api.auth import service
+from chatbot_api.errors import is_transient_db_error
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,14 @@ async def bootstrap(
                 else None
             )
     except (IntegrityError, OperationalError) as exc:
-        # Another process got there first (unique principal name, or SQLite's write lock).
-        logger.info("another process is bootstrapping the first key (%s)", type(exc).__name__)
+        # Another process got there first (unique principal name, or SQLite's write lock),
+        # or the database is away: the server still starts, and readiness reports it.
+        logger.info("no first key created here (%s)", type(exc).__name__)
+        return False
+    except Exception as exc:
+        if not is_transient_db_error(exc):
+            raise
+        logger.warning("could not check for API keys: %s", type(exc).__name__)
         return False
     if issued is None:
         return False

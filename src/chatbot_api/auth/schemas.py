@@ -14,7 +14,8 @@ from chatbot_api.auth.service import parse_expires_in
 from chatbot_api.conversations.schemas import RequestModel
 
 Name = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=r"^[\w.@ -]+$")
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100, pattern=r"^[\w.@ -]+$"),
 ]
 INT32 = 2**31 - 1
 

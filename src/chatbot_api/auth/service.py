@@ -146,7 +146,7 @@ async def authenticate(
     ).first()
     if row is None or not hmac.compare_digest(row[0].secret_hash, digest):
         raise InvalidApiKey("The API key is not valid.")
-    key, principal = row.tuple()
+    key, principal = row
     now = now or utcnow()
     if key.revoked_at is not None:
         raise InvalidApiKey("The API key has been revoked.")
@@ -162,7 +162,7 @@ async def list_keys(session: AsyncSession) -> Sequence[tuple[ApiKey, Principal]]
         .join(Principal, Principal.id == ApiKey.principal_id)
         .order_by(ApiKey.created_at, ApiKey.id)
     )
-    return [row.tuple() for row in rows]
+    return [(key, principal) for key, principal in rows]
 
 
 def key_not_found() -> NotFound:
@@ -179,7 +179,8 @@ async def get_key(session: AsyncSession, key_id: uuid.UUID) -> tuple[ApiKey, Pri
     ).first()
     if row is None:
         raise key_not_found()
-    return row.tuple()
+    key, principal = row
+    return key, principal
 
 
 async def revoke_key(session: AsyncSession, key_id: uuid.UUID) -> tuple[ApiKey, Principal]:

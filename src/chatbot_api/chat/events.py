@@ -48,7 +48,7 @@ def parse_last_event_id(value: str | None) -> int | None:
     return int(value.strip())
 
 
-def _resumed(event: TurnEvent, have: int | None) -> TurnEvent | None:
+def still_needed(event: TurnEvent, have: int | None) -> TurnEvent | None:
     """What a client that has `have` characters still needs of `event`."""
     if have is None:
         return event
@@ -83,7 +83,7 @@ async def sse_stream(turn: Turn, have: int | None = None) -> AsyncIterator[bytes
             # deltas into fewer, larger writes without changing the text.
             frames = [
                 encode(needed)
-                for needed in (_resumed(log[i], have) for i in range(index, end))
+                for needed in (still_needed(log[i], have) for i in range(index, end))
                 if needed is not None
             ]
             if frames:

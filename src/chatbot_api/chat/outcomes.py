@@ -65,11 +65,12 @@ def stored_error(error: AppError | None) -> dict[str, Any] | None:
 def error_from_stored(stored: dict[str, Any] | None) -> AppError:
     """The AppError a stored reply's `error` column describes."""
     stored = stored or {}
+    status = int(stored.get("status", 502))
     return UpstreamError(
-        int(stored.get("status", 502)),
+        status,
         str(stored.get("code", "upstream_error")),
         str(stored.get("message", "The reply failed.")),
-        {"Retry-After": "1"} if int(stored.get("status", 502)) == 503 else {},
+        {"Retry-After": "1"} if status == 503 else {},
     )
 
 

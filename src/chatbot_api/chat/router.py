@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.sse import EventSourceResponse
 
+from chatbot_api.auth.dependencies import CurrentPrincipal
 from chatbot_api.chat import events
 from chatbot_api.chat.dependencies import MessageIdDep, TurnsDep
 from chatbot_api.chat.schemas import ChatResponse, SendMessage
@@ -21,6 +22,7 @@ from chatbot_api.conversations.router import message_out
 from chatbot_api.conversations.schemas import MessageOut
 from chatbot_api.db import SessionDep
 from chatbot_api.errors import AppError, error_envelope
+from chatbot_api.limits.dependencies import TurnGuardDep
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["chat"])
 
@@ -78,6 +80,8 @@ async def send_message(
     request: Request,
     response: Response,
     turns: TurnsDep,
+    caller: CurrentPrincipal,
+    guard: TurnGuardDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -90,13 +94,22 @@ async def send_message(
     """Store the message, build the context from the stored history and answer with the
     model's reply. The reply is stored before the response (or the terminal event) is sent."""
     stream = _wants_stream(body, request)
+    model, max_tokens = guard.generation(body.model, body.max_tokens)
     idempotency = (
         None
         if idempotency_key is None
-        else ("", idempotency_key, _request_hash(conversation_id, body))
+        else (str(caller.principal_id), idempotency_key, _request_hash(conversation_id, body))
     )
-    turn = await turns.start(
-        conversation_id, body.message, idempotency=idempotency, attach_if_running=stream
+    turn = await guard.start(
+        lambda: turns.start(
+            conversation_id,
+            body.message,
+            owner_id=caller.principal_id,
+            model=model,
+            max_tokens=max_tokens,
+            idempotency=idempotency,
+            attach_if_running=stream,
+        )
     )
     if stream:
         return EventSourceResponse(events.sse_stream(turn), headers=STREAM_HEADERS)
@@ -112,7 +125,8 @@ async def send_message(
 
 @router.get(
     "/{conversation_id}/messages/{message_id}/stream",
-    response_class=EventSourceResponse,
+    # Not `response_class=EventSourceResponse`: that makes FastAPI expect a generator
+    # endpoint, and the 404 for an unknown reply must be decided before streaming starts.
     responses={200: SSE_200, 404: _error("No such reply.", "not_found")},
     summary="Resume (or replay) the event stream of a reply",
 )

@@ -15,6 +15,16 @@ class SendMessage(RequestModel):
         ..., min_length=1, description="The new user message. The server adds the history."
     )
     stream: bool = Field(False, description="Answer with text/event-stream instead of JSON.")
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="A model from the server's allowlist (`LLM_ALLOWED_MODELS`); 403 otherwise. "
+        "Default: the server's model.",
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Cap on the reply's tokens; clamped to the server's maximum."
+    )
 
     @field_validator("message")
     @classmethod

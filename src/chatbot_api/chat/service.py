@@ -68,6 +68,7 @@ async def begin_turn(
     session: AsyncSession,
     *,
     conversation_id: uuid.UUID,
+    owner_id: uuid.UUID,
     text: str,
     text_tokens: int,
     budget: TokenBudget,
@@ -78,12 +79,13 @@ async def begin_turn(
 ) -> BegunTurn:
     """Claim the conversation and store the user message and the reply placeholder.
 
-    Raises `NotFound` for an unknown conversation, `ConversationBusy` while another turn
+    Raises `NotFound` for an unknown conversation or one that `owner_id` does not own (the
+    same error for both), `ConversationBusy` while another turn
     holds it, and `ContextTooLong` if the system prompt and the new message alone leave no
     room for the reply. Any of these rolls the transaction back, so nothing is stored.
     """
     now = now or utcnow()
-    claimed = await _claim(session, conversation_id, now=now, lease=lease)
+    claimed = await _claim(session, conversation_id, owner_id=owner_id, now=now, lease=lease)
     claim_seq: int = claimed.next_seq
     user_seq = claim_seq - 2
     system_prompt: str = claimed.system_prompt or default_system_prompt
@@ -146,13 +148,19 @@ async def begin_turn(
 
 
 async def _claim(
-    session: AsyncSession, conversation_id: uuid.UUID, *, now: datetime, lease: timedelta
+    session: AsyncSession,
+    conversation_id: uuid.UUID,
+    *,
+    owner_id: uuid.UUID,
+    now: datetime,
+    lease: timedelta,
 ) -> Row[int, str | None]:
     """Take the conversation for this turn and allocate two sequence numbers, atomically."""
     claim = (
         update(Conversation)
         .where(
             Conversation.id == conversation_id,
+            Conversation.owner_id == owner_id,
             (Conversation.busy_until.is_(None)) | (Conversation.busy_until < now),
         )
         .values(next_seq=Conversation.next_seq + 2, busy_until=now + lease, updated_at=now)
@@ -164,7 +172,9 @@ async def _claim(
             return claimed
         found = (
             await session.execute(
-                select(Conversation.busy_until).where(Conversation.id == conversation_id)
+                select(Conversation.busy_until).where(
+                    Conversation.id == conversation_id, Conversation.owner_id == owner_id
+                )
             )
         ).first()
         if found is None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot_api.chat import service
@@ -39,6 +40,7 @@ from chatbot_api.chat.outcomes import (
     TurnEvent,
     TurnIds,
     created_event,
+    error_from_stored,
     stored_error,
     terminal_event,
     usage_dict,
@@ -67,6 +69,8 @@ PERSIST_BACKOFF = 0.25
 PERSIST_BACKOFF_CAP = 2.0
 # How often a follower polls the row of a turn running in another process.
 FOLLOW_INTERVAL = 0.2
+# How long stopping waits for turns that are cut short to store what they have.
+FINISH_TIMEOUT = 10.0
 REAP_INTERVAL = 30.0
 
 
@@ -81,6 +85,8 @@ class Turn:
     attempts: int = 1
     fallbacks: int = 0
     cancel_requested: bool = False
+    # Set once the reply is being stored: from then on nothing may interrupt the task.
+    finishing: bool = False
     task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -143,57 +149,77 @@ class TurnManager:
         conversation_id: uuid.UUID,
         text: str,
         *,
+        owner_id: uuid.UUID,
+        model: str | None = None,
+        max_tokens: int | None = None,
         idempotency: tuple[str, str, str] | None = None,
         attach_if_running: bool = True,
     ) -> Turn:
         """Begin a turn. `idempotency` is (scope, key, request hash): a retry of a request
-        already seen is answered from the first one instead of calling the provider again."""
+        already seen is answered from the first one instead of calling the provider again.
+        `owner_id` must own the conversation (404 otherwise); `model` and `max_tokens` were
+        already checked against the allowlist and the cap (`limits.service`)."""
         limit = self._settings.limits.max_message_chars
         if len(text) > limit:
             raise MessageTooLong(f"The message is over the limit of {limit} characters.")
         provider = self._provider
         budget = service.TokenBudget(
             context_window=provider.context_window,
-            reply_tokens=min(self._settings.llm.max_tokens, provider.context_window // 2),
+            reply_tokens=min(
+                max_tokens or self._settings.llm.max_tokens, provider.context_window // 2
+            ),
             per_message=provider.message_overhead(),
             count=provider.count_tokens,
         )
         text_tokens = provider.count_tokens(text)
-        async with self._sessionmaker.begin() as session:
-            if idempotency is not None:
-                scope, key, request_hash = idempotency
-                record = await service.find_idempotent(
-                    session, scope=scope, key=key, request_hash=request_hash
-                )
-                if record is not None:
-                    replay = await self.attach(record.conversation_id, record.assistant_message_id)
-                    if not replay.done and not attach_if_running:
-                        raise IdempotencyInFlight()
-                    return replay
-            begun = await service.begin_turn(
-                session,
-                conversation_id=conversation_id,
-                text=text,
-                text_tokens=text_tokens,
-                budget=budget,
-                default_system_prompt=self._settings.default_system_prompt,
-                model_used=provider.model,
-                lease=self._lease,
-            )
-            if idempotency is not None:
-                await service.remember_idempotent(
-                    session,
-                    scope=scope,
-                    key=key,
-                    request_hash=request_hash,
-                    turn=begun,
-                    ttl=timedelta(seconds=self._settings.reliability.idempotency_ttl_seconds),
-                )
+        for attempt in range(2):
+            try:
+                async with self._sessionmaker.begin() as session:
+                    if idempotency is not None:
+                        scope, key, request_hash = idempotency
+                        record = await service.find_idempotent(
+                            session, scope=scope, key=key, request_hash=request_hash
+                        )
+                        if record is not None:
+                            replay = await self.attach(
+                                record.conversation_id, record.assistant_message_id
+                            )
+                            if not replay.done and not attach_if_running:
+                                raise IdempotencyInFlight()
+                            return replay
+                    begun = await service.begin_turn(
+                        session,
+                        conversation_id=conversation_id,
+                        owner_id=owner_id,
+                        text=text,
+                        text_tokens=text_tokens,
+                        budget=budget,
+                        default_system_prompt=self._settings.default_system_prompt,
+                        model_used=model or provider.model,
+                        lease=self._lease,
+                    )
+                    if idempotency is not None:
+                        await service.remember_idempotent(
+                            session,
+                            scope=scope,
+                            key=key,
+                            request_hash=request_hash,
+                            turn=begun,
+                            ttl=timedelta(
+                                seconds=self._settings.reliability.idempotency_ttl_seconds
+                            ),
+                        )
+                break
+            except IntegrityError:
+                # The same key was stored by a concurrent request after our lookup: this
+                # transaction is rolled back, and the next pass replays that request.
+                if idempotency is None or attempt == 1:
+                    raise
         ids = TurnIds(begun.conversation_id, begun.user_message_id, begun.assistant_message_id)
-        turn = Turn(ids=ids, model_used=provider.model, begun=begun)
-        turn.publish(created_event(ids, provider.model))
+        turn = Turn(ids=ids, model_used=model or provider.model, begun=begun)
+        turn.publish(created_event(ids, turn.model_used))
         self._turns[ids.assistant_message_id] = turn
-        turn.task = self._spawn(self._run(turn, budget.reply_tokens), f"turn-{ids}")
+        turn.task = self._spawn(self._run(turn, budget.reply_tokens, model), f"turn-{ids}")
         return turn
 
     async def attach(self, conversation_id: uuid.UUID, message_id: uuid.UUID) -> Turn:
@@ -238,11 +264,11 @@ class TurnManager:
             follower.task.cancel()
 
     def _cancel_local(self, turn: Turn) -> None:
-        if turn.task is not None and not turn.done and not turn.cancel_requested:
+        if turn.task is not None and not turn.finishing and not turn.cancel_requested:
             turn.cancel_requested = True
             turn.task.cancel()
 
-    async def _run(self, turn: Turn, reply_tokens: int) -> None:
+    async def _run(self, turn: Turn, reply_tokens: int, model: str | None = None) -> None:
         assert turn.begun is not None
         provider = self._provider
         parts: list[str] = []
@@ -251,7 +277,7 @@ class TurnManager:
         error: ProviderError | None = None
         status: MessageStatus | None = None
         options = GenerationOptions(
-            max_tokens=reply_tokens, temperature=self._settings.llm.temperature
+            max_tokens=reply_tokens, temperature=self._settings.llm.temperature, model=model
         )
         checkpoints = self._spawn(self._checkpoints(turn, parts), f"checkpoint-{turn.ids}")
         try:
@@ -320,6 +346,7 @@ class TurnManager:
         status: MessageStatus | None = None,
     ) -> None:
         assert turn.begun is not None
+        turn.finishing = True
         text = "".join(parts)
         if status is None:
             if error is None and finish is not None:
@@ -413,6 +440,7 @@ class TurnManager:
             if len(message.content) > turn.text_length:
                 turn.publish_delta(message.content[turn.text_length :])
         lost = GenerationInterrupted("The reply is no longer being generated.")
+        turn.error = lost
         turn.publish(
             terminal_event(
                 turn.ids,
@@ -429,6 +457,8 @@ class TurnManager:
         """Publish what a finished row holds: the rest of its text, then its terminal event."""
         if len(message.content) > turn.text_length:
             turn.publish_delta(message.content[turn.text_length :])
+        if message.status != MessageStatus.COMPLETED:
+            turn.error = error_from_stored(message.error)
         turn.publish(
             terminal_event(
                 turn.ids,
@@ -456,12 +486,14 @@ class TurnManager:
     async def drain(self, grace: float) -> None:
         """Let running turns finish for up to `grace` seconds, then cut the rest short; a cut
         turn stores its partial reply as `incomplete` before its task ends."""
-        running = {t.task for t in self._turns.values() if t.task is not None}
+        running = {t.task: t for t in self._turns.values() if t.task is not None}
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
             for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+                if not running[task].finishing:  # a turn storing its reply is let finish
+                    task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=FINISH_TIMEOUT)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,13 +1,19 @@
-"""Dependencies that load rows also validate them: a conversation that does not exist is a 404
-before the endpoint runs."""
+"""Dependencies that load rows also validate them: a conversation that does not exist, or that
+the caller does not own, is a 404 before the endpoint runs, with the same body either way.
+
+`OwnedConversation` loads the row in the request's session. `ConversationIdDep` checks
+ownership in a short session of its own and yields only the id, for the routes that must not
+hold a connection while a reply is generated or streamed (`chat/`).
+"""
 
 from __future__ import annotations
 
 import uuid
 from typing import Annotated
 
-from fastapi import Depends, Query
+from fastapi import Depends, Query, Request
 
+from chatbot_api.auth.dependencies import CurrentPrincipal
 from chatbot_api.conversations import service
 from chatbot_api.conversations.models import Conversation
 from chatbot_api.db import SessionDep
@@ -21,16 +27,29 @@ def parse_conversation_id(conversation_id: str) -> uuid.UUID:
         raise service.conversation_not_found() from None
 
 
-ConversationIdDep = Annotated[uuid.UUID, Depends(parse_conversation_id)]
+ParsedConversationId = Annotated[uuid.UUID, Depends(parse_conversation_id)]
 
 
-async def _load_conversation(
-    session: SessionDep, conversation_id: ConversationIdDep
+async def _owned_conversation_id(
+    request: Request, caller: CurrentPrincipal, conversation_id: ParsedConversationId
+) -> uuid.UUID:
+    async with request.app.state.sessionmaker() as session:
+        await service.get_conversation(session, conversation_id, owner_id=caller.principal_id)
+    return conversation_id
+
+
+ConversationIdDep = Annotated[uuid.UUID, Depends(_owned_conversation_id)]
+
+
+async def _load_owned_conversation(
+    session: SessionDep, caller: CurrentPrincipal, conversation_id: ParsedConversationId
 ) -> Conversation:
-    return await service.get_conversation(session, conversation_id)
+    return await service.get_conversation(session, conversation_id, owner_id=caller.principal_id)
 
 
-ConversationDep = Annotated[Conversation, Depends(_load_conversation)]
+OwnedConversation = Annotated[Conversation, Depends(_load_owned_conversation)]
+# The name the routes were first written with: it validates the owner too.
+ConversationDep = OwnedConversation
 
 
 class PageParams:

@@ -36,9 +36,14 @@ class MessageStatus(enum.StrEnum):
 
 class Conversation(Base):
     __tablename__ = "conversations"
-    __table_args__ = (Index("ix_conversations_created_at_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_conversations_created_at_id", "created_at", "id"),
+        # The owner's list, newest first.
+        Index("ix_conversations_owner_id_created_at_id", "owner_id", "created_at", "id"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("principals.id"))
     title: Mapped[str | None] = mapped_column(String(200))
     system_prompt: Mapped[str | None] = mapped_column(Text)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")

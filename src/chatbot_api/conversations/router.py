@@ -6,8 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Response, status
 
+from chatbot_api.auth.dependencies import CurrentPrincipal
 from chatbot_api.conversations import service
-from chatbot_api.conversations.dependencies import ConversationDep, PageDep
+from chatbot_api.conversations.dependencies import OwnedConversation, PageDep
 from chatbot_api.conversations.models import Conversation, Message
 from chatbot_api.conversations.schemas import (
     ConversationCreate,
@@ -48,31 +49,39 @@ def message_out(message: Message) -> MessageOut:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ConversationOut)
 async def create_conversation(
-    session: SessionDep, body: ConversationCreate | None = None
+    session: SessionDep, caller: CurrentPrincipal, body: ConversationCreate | None = None
 ) -> ConversationOut:
     body = body or ConversationCreate()
     conversation = await service.create_conversation(
-        session, title=body.title, system_prompt=body.system_prompt, metadata=body.metadata
+        session,
+        owner_id=caller.principal_id,
+        title=body.title,
+        system_prompt=body.system_prompt,
+        metadata=body.metadata,
     )
     return conversation_out(conversation)
 
 
 @router.get("", response_model=Page[ConversationOut])
-async def list_conversations(session: SessionDep, page: PageDep) -> Page[ConversationOut]:
-    rows, cursor = await service.list_conversations(session, limit=page.limit, after=page.after)
+async def list_conversations(
+    session: SessionDep, caller: CurrentPrincipal, page: PageDep
+) -> Page[ConversationOut]:
+    rows, cursor = await service.list_conversations(
+        session, owner_id=caller.principal_id, limit=page.limit, after=page.after
+    )
     return Page(
         data=[conversation_out(c) for c in rows], has_more=cursor is not None, next_cursor=cursor
     )
 
 
 @router.get("/{conversation_id}", response_model=ConversationOut, responses=NOT_FOUND)
-async def get_conversation(conversation: ConversationDep) -> ConversationOut:
+async def get_conversation(conversation: OwnedConversation) -> ConversationOut:
     return conversation_out(conversation)
 
 
 @router.patch("/{conversation_id}", response_model=ConversationOut, responses=NOT_FOUND)
 async def update_conversation(
-    session: SessionDep, conversation: ConversationDep, body: ConversationUpdate
+    session: SessionDep, conversation: OwnedConversation, body: ConversationUpdate
 ) -> ConversationOut:
     changes = body.model_dump(exclude_unset=True)
     updated = await service.update_conversation(session, conversation, **changes)
@@ -80,14 +89,14 @@ async def update_conversation(
 
 
 @router.delete("/{conversation_id}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
-async def delete_conversation(session: SessionDep, conversation: ConversationDep) -> Response:
+async def delete_conversation(session: SessionDep, conversation: OwnedConversation) -> Response:
     await service.delete_conversation(session, conversation)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/{conversation_id}/messages", response_model=Page[MessageOut], responses=NOT_FOUND)
 async def list_messages(
-    session: SessionDep, conversation: ConversationDep, page: PageDep
+    session: SessionDep, conversation: OwnedConversation, page: PageDep
 ) -> Page[MessageOut]:
     rows, cursor = await service.list_messages(
         session, conversation.id, limit=page.limit, after=page.after

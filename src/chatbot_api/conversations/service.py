@@ -43,29 +43,43 @@ def conversation_not_found() -> NotFound:
 async def create_conversation(
     session: AsyncSession,
     *,
+    owner_id: uuid.UUID,
     title: str | None = None,
     system_prompt: str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Conversation:
-    conversation = Conversation(title=title, system_prompt=system_prompt, meta=metadata)
+    conversation = Conversation(
+        owner_id=owner_id, title=title, system_prompt=system_prompt, meta=metadata
+    )
     session.add(conversation)
     await session.flush()
     return conversation
 
 
-async def get_conversation(session: AsyncSession, conversation_id: uuid.UUID) -> Conversation:
-    """The conversation, or `NotFound`."""
-    conversation = await session.get(Conversation, conversation_id)
+async def get_conversation(
+    session: AsyncSession, conversation_id: uuid.UUID, *, owner_id: uuid.UUID
+) -> Conversation:
+    """The conversation, if `owner_id` owns it; `NotFound` otherwise, the same error as for
+    an id that does not exist, so a caller learns nothing about other callers' ids."""
+    conversation = await session.scalar(
+        select(Conversation).where(
+            Conversation.id == conversation_id, Conversation.owner_id == owner_id
+        )
+    )
     if conversation is None:
         raise conversation_not_found()
     return conversation
 
 
 async def list_conversations(
-    session: AsyncSession, *, limit: int, after: str | None
+    session: AsyncSession, *, owner_id: uuid.UUID, limit: int, after: str | None
 ) -> tuple[Sequence[Conversation], str | None]:
-    """Newest first, keyset-paginated on (created_at, id)."""
-    query = select(Conversation).order_by(Conversation.created_at.desc(), Conversation.id.desc())
+    """The owner's conversations, newest first, keyset-paginated on (created_at, id)."""
+    query = (
+        select(Conversation)
+        .where(Conversation.owner_id == owner_id)
+        .order_by(Conversation.created_at.desc(), Conversation.id.desc())
+    )
     if after is not None:
         created_raw, id_raw = _decode_cursor(after, 2)
         try:

@@ -1,13 +1,20 @@
-"""The limiter and the turn guard built in the lifespan, as dependencies."""
+"""The limiter built in the lifespan, and `TurnGuardDep`: the checks a turn passes before it
+starts (model allowlist, `max_tokens` cap, daily tokens, concurrent streams)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
+from chatbot_api.auth.dependencies import Caller, CurrentPrincipal
+from chatbot_api.config import Settings
+from chatbot_api.limits import service
 from chatbot_api.limits.base import Limiter
-from chatbot_api.limits.service import Generations
+
+T = TypeVar("T", bound=service.Outcome)
 
 
 def _limiter(request: Request) -> Limiter:
@@ -15,10 +22,43 @@ def _limiter(request: Request) -> Limiter:
     return limiter
 
 
-def _generations(request: Request) -> Generations:
-    generations: Generations = request.app.state.generations
-    return generations
-
-
 LimiterDep = Annotated[Limiter, Depends(_limiter)]
-GenerationsDep = Annotated[Generations, Depends(_generations)]
+
+
+@dataclass(frozen=True, slots=True)
+class TurnGuard:
+    caller: Caller
+    generations: service.Generations
+    default_model: str
+    allowed_models: list[str]
+    max_tokens_cap: int
+
+    def generation(self, model: str | None, max_tokens: int | None) -> tuple[str | None, int]:
+        """The model to ask for (None: the provider's default) and the clamped reply cap;
+        `ModelNotAllowed` (403) outside the allowlist."""
+        chosen, tokens = service.resolve_generation(
+            model=model,
+            max_tokens=max_tokens,
+            default_model=self.default_model,
+            allowed_models=self.allowed_models,
+            max_tokens_cap=self.max_tokens_cap,
+        )
+        return (None if chosen == self.default_model else chosen), tokens
+
+    async def start(self, begin: Callable[[], Awaitable[T]]) -> T:
+        """Run `begin()` (which starts the turn) within the caller's limits."""
+        return await self.generations.start(self.caller.subject, self.caller.limits, begin)
+
+
+def _turn_guard(request: Request, caller: CurrentPrincipal) -> TurnGuard:
+    settings: Settings = request.app.state.settings
+    return TurnGuard(
+        caller=caller,
+        generations=request.app.state.generations,
+        default_model=request.app.state.provider.model,
+        allowed_models=settings.llm.allowed_model_list,
+        max_tokens_cap=settings.llm.max_tokens,
+    )
+
+
+TurnGuardDep = Annotated[TurnGuard, Depends(_turn_guard)]

@@ -32,7 +32,9 @@ class MemoryLimiter:
         return log
 
     @staticmethod
-    def _decide(log: deque[float], limit: int, window: float, now: float, allowed: bool) -> Decision:
+    def _decide(
+        log: deque[float], limit: int, window: float, now: float, allowed: bool
+    ) -> Decision:
         remaining = max(0, limit - len(log))
         retry_after = 0.0 if remaining else max(0.0, log[0] + window - now)
         reset_after = max(0.0, log[-1] + window - now) if log else 0.0

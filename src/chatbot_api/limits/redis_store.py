@@ -111,7 +111,7 @@ class RedisLimiter:
     async def _window(
         self, key: str, *, limit: int, window: float, count: bool, member: str
     ) -> Decision:
-        args = [limit, _us(window), member, "1" if count else "0"]
+        args: list[str | int] = [limit, _us(window), member, "1" if count else "0"]
         allowed, used, retry, reset = await self._run(
             self._hit(keys=[self._prefix + key], args=args)
         )

@@ -78,9 +78,7 @@ def _exceeded(message: str, kind: Kind, decision: Decision, code: str = "rate_li
 
 async def admit_request(limiter: Limiter, *, subject: str, limits: KeyLimits) -> Decision:
     """Count one request against the key's per-minute limit, or raise `RateLimited`."""
-    decision = await limiter.hit(
-        f"rpm:{subject}", limit=limits.requests_per_minute, window=MINUTE
-    )
+    decision = await limiter.hit(f"rpm:{subject}", limit=limits.requests_per_minute, window=MINUTE)
     if not decision.allowed:
         raise _exceeded(
             f"Over the limit of {limits.requests_per_minute} requests per minute for this key.",
@@ -124,13 +122,13 @@ def resolve_generation(
     return chosen, min(max_tokens or max_tokens_cap, max_tokens_cap)
 
 
-class _Outcome(Protocol):
+class Outcome(Protocol):
     """What a started turn offers the guard: the terminal event, once the reply is stored."""
 
     async def outcome(self) -> Any: ...
 
 
-T = TypeVar("T", bound=_Outcome)
+T = TypeVar("T", bound=Outcome)
 
 
 def _today(now: datetime) -> tuple[str, float]:
@@ -188,7 +186,7 @@ class Generations:
         watcher.add_done_callback(self._watchers.discard)
         return turn
 
-    async def _settle(self, turn: _Outcome, subject: str, token: str) -> None:
+    async def _settle(self, turn: Outcome, subject: str, token: str) -> None:
         try:
             event = await turn.outcome()
             data = getattr(event, "data", None)
@@ -208,9 +206,9 @@ class Generations:
             with contextlib.suppress(Exception):
                 await self._limiter.release(f"streams:{subject}", token)
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, grace: float) -> None:
         if self._watchers:
-            _, pending = await asyncio.wait(set(self._watchers), timeout=timeout)
+            _, pending = await asyncio.wait(set(self._watchers), timeout=grace)
             for task in pending:
                 task.cancel()
 

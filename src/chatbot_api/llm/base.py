@@ -40,6 +40,8 @@ class Timeouts:
 class GenerationOptions:
     max_tokens: int = 1024
     temperature: float | None = None
+    # Another model of the same provider, from the server's allowlist; None: the default one.
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

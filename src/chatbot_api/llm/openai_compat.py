@@ -359,7 +359,7 @@ class OpenAICompatProvider:
 
     def _payload(self, messages: list[ChatMessage], options: GenerationOptions) -> bytes:
         body: dict[str, Any] = {
-            "model": self._model,
+            "model": options.model or self._model,
             "messages": [{"role": m.role, "content": m.content} for m in messages],
             "stream": True,
             "stream_options": {"include_usage": True},

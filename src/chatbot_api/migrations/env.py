@@ -12,6 +12,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import chatbot_api.auth.models
 import chatbot_api.conversations.models  # noqa: F401  (registers the tables)
 from chatbot_api.config import DatabaseSettings
 from chatbot_api.db import Base

@@ -1,0 +1,310 @@
+"""Real `chatbot-api serve` processes, their database, and the faults done to them.
+
+Shared by the shutdown, database-fault and chaos tests:
+
+- `ServerPool` starts servers (each with its log in a file, shown when a test fails) and
+  stops them after the test: SIGTERM, then SIGKILL if they do not exit.
+- `sse_events` reads a live event stream one event at a time.
+- `postgres_ctl` stops, starts and restarts the PostgreSQL cluster the tests run on. By
+  default that is the local Debian cluster (`pg_ctlcluster <version> main`, as root); set
+  `TEST_POSTGRES_CTL` to another command prefix (the action is appended), e.g.
+  `runuser -u postgres -- pg_ctl -D /path/to/data -w -m fast`.
+
+Tests marked `chaos` are the long variants, run by `make chaos` and left out of `make test`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatbot_api.conversations.models import Conversation, Message
+from tests.chat.helpers import SSEEvent, parse_sse
+from tests.conftest import FAKE_KEY, PG_SERVER
+
+# How long a server may take to answer /health: imports, migrations, and a loaded machine.
+START_TIMEOUT = 60.0
+# How long a SIGTERMed server may take before it is killed after a test.
+STOP_TIMEOUT = 30.0
+# The main suite is not about limits: one (local, keyless) user does all the sending.
+BASE_ENV = {
+    "AUTH_MODE": "disabled",
+    "LLM_PROVIDER": "openai",
+    "LLM_API_KEY": FAKE_KEY,
+    "LLM_MODEL": "fake-model",
+    "LLM_MAX_RETRIES": "0",
+    "LOG_LEVEL": "INFO",
+    "RATE_LIMIT_REQUESTS_PER_MINUTE": "10000000",
+    "RATE_LIMIT_CONCURRENT_STREAMS": "100000",
+    "RATE_LIMIT_TOKENS_PER_DAY": "1000000000",
+    # Teardown stops servers; a test about shutdown sets its own grace.
+    "SHUTDOWN_GRACE_SECONDS": "2",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@dataclass(eq=False)
+class Server:
+    process: asyncio.subprocess.Process
+    base_url: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            content = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(content.splitlines()[-lines:])
+
+    def signal(self, signum: int) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signum)
+
+    async def wait(self, seconds: float) -> int | None:
+        """The exit status, or None if the process is still running after `seconds`."""
+        try:
+            return await asyncio.wait_for(self.process.wait(), seconds)
+        except TimeoutError:
+            return None
+
+    async def stop(self, seconds: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, then SIGKILL if the process has not exited within `seconds`."""
+        self.signal(signal.SIGTERM)
+        code = await self.wait(seconds)
+        if code is None:
+            self.signal(signal.SIGKILL)
+            code = await self.process.wait()
+        return code
+
+
+def _open_log(path: Path) -> Any:
+    return path.open("wb")
+
+
+class ServerPool:
+    """Starts `chatbot-api serve` processes talking to the fake LLM at `llm_base_url`."""
+
+    def __init__(self, log_dir: Path, llm_base_url: str) -> None:
+        self._log_dir = log_dir
+        self._llm_base_url = llm_base_url
+        self.servers: list[Server] = []
+
+    async def start(
+        self,
+        db_url: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        migrate: bool = False,
+    ) -> Server:
+        """A server on `db_url` (already migrated unless `migrate`), once /health answers."""
+        for _ in range(3):  # a port taken between our probe and the server's bind: retry
+            server = await self._spawn(db_url, env or {}, args, migrate)
+            if await self._wait_healthy(server):
+                return server
+            if "address already in use" not in server.log_tail().lower():
+                break
+        raise AssertionError(f"the server did not start:\n{server.log_tail()}")
+
+    async def _spawn(
+        self, db_url: str, env: Mapping[str, str], args: Sequence[str], migrate: bool
+    ) -> Server:
+        port = free_port()
+        log = self._log_dir / f"server-{port}-{uuid.uuid4().hex[:6]}.log"
+        handle = _open_log(log)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "chatbot_api.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                *([] if migrate else ["--no-migrate"]),
+                *args,
+                env={
+                    **os.environ,
+                    **BASE_ENV,
+                    "DATABASE_URL": db_url,
+                    "LLM_BASE_URL": self._llm_base_url,
+                    **env,
+                },
+                stdout=handle,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        finally:
+            handle.close()
+        server = Server(process, f"http://127.0.0.1:{port}", log)
+        self.servers.append(server)
+        return server
+
+    async def _wait_healthy(self, server: Server) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=2) as http:
+            while loop.time() < deadline and server.process.returncode is None:
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/health")).status_code == 200:
+                        return True
+                await asyncio.sleep(0.1)
+        if server.process.returncode is None:
+            await server.stop(5)
+        return False
+
+    async def aclose(self) -> None:
+        for server in self.servers:
+            server.signal(signal.SIGTERM)
+        for server in self.servers:
+            await server.stop()
+
+
+async def wait_ready(base_url: str, within: float = 30.0) -> None:
+    """Wait until /health/ready answers 200 (the database is back)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last = "no answer"
+    async with httpx.AsyncClient(base_url=base_url, timeout=5) as http:
+        while loop.time() < deadline:
+            try:
+                response = await http.get("/health/ready")
+            except httpx.TransportError as exc:
+                last = repr(exc)
+            else:
+                if response.status_code == 200:
+                    return
+                last = response.text
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"{base_url} was not ready after {within} s: {last}")
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[SSEEvent]:
+    """The events of a live `text/event-stream` response, as each one arrives."""
+    block: list[str] = []
+    async for line in response.aiter_lines():
+        if line:
+            block.append(line)
+            continue
+        for event in parse_sse("\n".join(block)):
+            yield event
+        block = []
+    for event in parse_sse("\n".join(block)):
+        yield event
+
+
+async def create_conversation(http: httpx.AsyncClient) -> str:
+    response = await http.post("/api/v1/conversations")
+    assert response.status_code == 201, response.text
+    conversation_id: str = response.json()["id"]
+    return conversation_id
+
+
+async def stored_messages(
+    engine: AsyncEngine, conversation_id: str | uuid.UUID
+) -> list[dict[str, Any]]:
+    """The conversation's rows, read straight from the database, in `seq` order."""
+    columns = (Message.id, Message.seq, Message.role, Message.status, Message.content)
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(*columns, Message.error)
+            .where(Message.conversation_id == uuid.UUID(str(conversation_id)))
+            .order_by(Message.seq)
+        )
+        return [row._asdict() for row in rows]
+
+
+async def busy_until(engine: AsyncEngine, conversation_id: str | uuid.UUID) -> datetime | None:
+    """When the conversation's claim lapses; None when no turn holds it."""
+    async with engine.connect() as connection:
+        value: datetime | None = await connection.scalar(
+            select(Conversation.busy_until).where(
+                Conversation.id == uuid.UUID(str(conversation_id))
+            )
+        )
+    return value
+
+
+# --- the PostgreSQL cluster -------------------------------------------------------------
+
+
+def postgres_ctl(action: str) -> list[str]:
+    """The command that does `action` (start, stop, restart, status) to the test cluster."""
+    custom = os.environ.get("TEST_POSTGRES_CTL")
+    if custom:
+        return [*shlex.split(custom), action]
+    etc = Path("/etc/postgresql")
+    versions = sorted(p.name for p in etc.iterdir()) if etc.is_dir() else []
+    if not versions:
+        pytest.fail("no local PostgreSQL cluster to control: set TEST_POSTGRES_CTL")
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", action]
+
+
+async def run_postgres_ctl(action: str, within: float = 60.0) -> int:
+    process = await asyncio.create_subprocess_exec(
+        *postgres_ctl(action),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        return await asyncio.wait_for(process.wait(), within)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        command = shlex.join(postgres_ctl(action))
+        raise AssertionError(f"`{command}` took over {within} s") from None
+
+
+async def postgres_accepts(connect_within: float = 1.0) -> bool:
+    try:
+        connection = await asyncpg.connect(PG_SERVER, timeout=connect_within)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await connection.close()
+    return True
+
+
+async def wait_postgres(within: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if await postgres_accepts():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"PostgreSQL did not accept connections within {within} s")
+
+
+async def ensure_postgres_running() -> None:
+    """Start the cluster if a test left it stopped, and wait until it accepts connections."""
+    if not await postgres_accepts(connect_within=3.0) and await run_postgres_ctl("status") != 0:
+        await run_postgres_ctl("start")
+    await wait_postgres()

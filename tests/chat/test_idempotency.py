@@ -1,0 +1,127 @@
+"""`Idempotency-Key` on send: a retried request is answered once; the provider is called once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from chatbot_api.testing.fake_llm import FakeLLM, Script
+from tests.chat.helpers import messages, parse_sse
+from tests.conftest import client_for, create_conversation
+
+
+async def _send(
+    client: httpx.AsyncClient,
+    conversation_id: str,
+    message: str,
+    key: str,
+    *,
+    stream: bool = False,
+) -> httpx.Response:
+    return await client.post(
+        f"/api/v1/conversations/{conversation_id}/messages",
+        json={"message": message, "stream": stream},
+        headers={"Idempotency-Key": key},
+    )
+
+
+class TestIdempotencyKey:
+    async def test_retry_replays_the_original_reply_without_calling_the_provider(
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM
+    ) -> None:
+        fake_llm.enqueue(Script(reply="only once"))
+        conversation_id = await create_conversation(client)
+
+        first = await _send(client, conversation_id, "hello", "key-1")
+        retry = await _send(client, conversation_id, "hello", "key-1")
+
+        assert first.status_code == retry.status_code == 200
+        assert retry.json()["response"] == "only once"
+        assert retry.json()["assistant_message_id"] == first.json()["assistant_message_id"]
+        assert len(fake_llm.requests) == 1
+        assert len(await messages(client, conversation_id)) == 2
+
+    async def test_same_key_with_another_body_is_422(
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM
+    ) -> None:
+        conversation_id = await create_conversation(client)
+        await _send(client, conversation_id, "hello", "key-2")
+
+        response = await _send(client, conversation_id, "something else", "key-2")
+
+        assert response.status_code == 422
+        assert response.json()["error"]["code"] == "idempotency_key_reused"
+        assert len(fake_llm.requests) == 1
+
+    async def test_same_key_while_the_first_is_in_flight_is_409(
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM
+    ) -> None:
+        fake_llm.enqueue(Script(reply="slow", ttft=0.5))
+        conversation_id = await create_conversation(client)
+        first = asyncio.create_task(_send(client, conversation_id, "hello", "key-3"))
+        await asyncio.sleep(0.2)
+
+        second = await _send(client, conversation_id, "hello", "key-3")
+
+        assert second.status_code == 409
+        assert second.json()["error"]["code"] == "idempotency_key_in_flight"
+        assert "Retry-After" in second.headers
+        assert (await first).status_code == 200
+        assert len(fake_llm.requests) == 1
+
+    async def test_streaming_retry_in_flight_reattaches_to_the_same_stream(
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM
+    ) -> None:
+        fake_llm.enqueue(Script(deltas=("a ", "b ", "c ", "d"), token_delay=0.1))
+        conversation_id = await create_conversation(client)
+        first = asyncio.create_task(_send(client, conversation_id, "hello", "key-4", stream=True))
+        await asyncio.sleep(0.15)
+
+        second = await _send(client, conversation_id, "hello", "key-4", stream=True)
+
+        first_events, second_events = parse_sse((await first).text), parse_sse(second.text)
+        assert second_events[-1].event == "message.completed"
+        assert second_events[-1].data == first_events[-1].data
+        assert second_events[-1].data["response"] == "a b c d"
+        assert len(fake_llm.requests) == 1
+
+    async def test_a_failed_request_replays_its_failure(
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM
+    ) -> None:
+        fake_llm.enqueue(Script(status=503))
+        conversation_id = await create_conversation(client)
+
+        first = await _send(client, conversation_id, "hello", "key-5")
+        retry = await _send(client, conversation_id, "hello", "key-5")
+
+        assert first.status_code == retry.status_code == 503
+        assert retry.json()["error"]["code"] == first.json()["error"]["code"]
+        assert len(fake_llm.requests) == 1
+
+    async def test_an_expired_key_is_a_new_request(
+        self, app_factory: Callable[..., Any], fake_llm: FakeLLM
+    ) -> None:
+        app = await app_factory(reliability={"idempotency_ttl_seconds": 0.2})
+        async with client_for(app) as client:
+            conversation_id = await create_conversation(client)
+            await _send(client, conversation_id, "hello", "key-6")
+            await asyncio.sleep(0.3)
+
+            again = await _send(client, conversation_id, "hello", "key-6")
+
+        assert again.status_code == 200
+        assert len(fake_llm.requests) == 2
+
+    async def test_keys_are_per_conversation_body(
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM
+    ) -> None:
+        first_conversation = await create_conversation(client)
+        second_conversation = await create_conversation(client)
+        await _send(client, first_conversation, "hello", "key-7")
+
+        other = await _send(client, second_conversation, "hello", "key-7")
+
+        assert other.status_code == 422

@@ -30,7 +30,7 @@ from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
 from chatbot_api.chat.outcomes import CREATED, DELTA, TurnEvent
 from chatbot_api.chat.schemas import MessageDelta
-from chatbot_api.chat.turns import Turn
+from chatbot_api.chat.turn import Turn
 
 KEEPALIVE = 15.0
 

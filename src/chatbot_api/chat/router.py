@@ -36,14 +36,23 @@ def _error(message: str, code: str) -> dict[str, Any]:
     }
 
 
+# One event of the stream (Schemathesis and OpenAPI 3.2 read a stream's schema per event).
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+    },
+}
 SSE_200: dict[str, Any] = {
     "description": "A `text/event-stream` of turn events (see the README).",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {"text/event-stream": {"schema": SSE_EVENT}},
 }
 SEND_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The reply as JSON, or a `text/event-stream` of turn events.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
     },
     404: _error("No such conversation.", "not_found"),
     409: _error("A reply is already being generated (see Retry-After).", "conversation_busy"),

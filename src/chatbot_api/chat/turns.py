@@ -26,7 +26,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -35,23 +34,18 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot_api.chat import service
 from chatbot_api.chat.outcomes import (
-    DELTA,
-    TERMINAL,
-    TurnEvent,
     TurnIds,
     created_event,
-    error_from_stored,
     stored_error,
     terminal_event,
     usage_dict,
 )
-from chatbot_api.chat.schemas import MessageDelta
+from chatbot_api.chat.turn import Turn, follow
 from chatbot_api.config import Settings
-from chatbot_api.conversations.models import Message, MessageStatus
+from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.errors import (
     AppError,
     GenerationCancelled,
-    GenerationInterrupted,
     IdempotencyInFlight,
     MessageTooLong,
     ReplyNotStored,
@@ -67,53 +61,9 @@ logger = logging.getLogger(__name__)
 PERSIST_ATTEMPTS = 6
 PERSIST_BACKOFF = 0.25
 PERSIST_BACKOFF_CAP = 2.0
-# How often a follower polls the row of a turn running in another process.
-FOLLOW_INTERVAL = 0.2
 # How long stopping waits for turns that are cut short to store what they have.
 FINISH_TIMEOUT = 10.0
 REAP_INTERVAL = 30.0
-
-
-@dataclass(eq=False)
-class Turn:
-    ids: TurnIds
-    model_used: str
-    begun: service.BegunTurn | None = None
-    log: list[TurnEvent] = field(default_factory=list)
-    text_length: int = 0
-    error: AppError | None = None
-    attempts: int = 1
-    fallbacks: int = 0
-    cancel_requested: bool = False
-    # Set once the reply is being stored: from then on nothing may interrupt the task.
-    finishing: bool = False
-    task: asyncio.Task[None] | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def done(self) -> bool:
-        return bool(self.log) and self.log[-1].name in TERMINAL
-
-    def publish(self, event: TurnEvent) -> None:
-        self.log.append(event)
-        # Wake every waiting reader; each re-checks the log length.
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def publish_delta(self, text: str) -> None:
-        self.text_length += len(text)
-        self.publish(TurnEvent(DELTA, MessageDelta(delta=text), self.text_length))
-
-    async def wait_beyond(self, index: int) -> None:
-        """Wait until the log has an event at `index`."""
-        while index >= len(self.log):
-            await self._changed.wait()
-
-    async def outcome(self) -> TurnEvent:
-        """Wait for the terminal event."""
-        while not self.done:
-            await self.wait_beyond(len(self.log))
-        return self.log[-1]
 
 
 class TurnManager:
@@ -235,9 +185,12 @@ class TurnManager:
         )
         turn.publish(created_event(turn.ids, turn.model_used))
         if message.status == MessageStatus.STREAMING:
-            turn.task = self._spawn(self._follow(turn), f"follow-{message_id}")
+            turn.task = self._spawn(
+                follow(turn, self._sessionmaker, deadline=self._settings.llm.total_timeout + 60),
+                f"follow-{message_id}",
+            )
         else:
-            self._publish_row(turn, message)
+            turn.publish_stored(message)
         return turn
 
     async def cancel(self, conversation_id: uuid.UUID, message_id: uuid.UUID) -> None:
@@ -424,52 +377,6 @@ class TurnManager:
                     return False
                 await asyncio.sleep(min(PERSIST_BACKOFF * 2**attempt, PERSIST_BACKOFF_CAP))
         return False  # pragma: no cover - the loop always returns
-
-    async def _follow(self, turn: Turn) -> None:
-        """Mirror a turn running in another process by polling its row until it ends."""
-        deadline = asyncio.get_running_loop().time() + self._settings.llm.total_timeout + 60
-        while asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(FOLLOW_INTERVAL)
-            async with self._sessionmaker() as session:
-                message = await session.get(Message, turn.ids.assistant_message_id)
-            if message is None:
-                break
-            if message.status != MessageStatus.STREAMING:
-                self._publish_row(turn, message)
-                return
-            if len(message.content) > turn.text_length:
-                turn.publish_delta(message.content[turn.text_length :])
-        lost = GenerationInterrupted("The reply is no longer being generated.")
-        turn.error = lost
-        turn.publish(
-            terminal_event(
-                turn.ids,
-                text="",
-                status=MessageStatus.INCOMPLETE,
-                model_used=turn.model_used,
-                finish_reason=None,
-                usage=None,
-                error=stored_error(lost),
-            )
-        )
-
-    def _publish_row(self, turn: Turn, message: Message) -> None:
-        """Publish what a finished row holds: the rest of its text, then its terminal event."""
-        if len(message.content) > turn.text_length:
-            turn.publish_delta(message.content[turn.text_length :])
-        if message.status != MessageStatus.COMPLETED:
-            turn.error = error_from_stored(message.error)
-        turn.publish(
-            terminal_event(
-                turn.ids,
-                text=message.content,
-                status=MessageStatus(message.status),
-                model_used=message.model_used or "",
-                finish_reason=message.finish_reason,
-                usage=message.usage,
-                error=message.error,
-            )
-        )
 
     async def reap_forever(self) -> None:
         """Mark orphaned `streaming` rows `incomplete`, at start and then periodically."""

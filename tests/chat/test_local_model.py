@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,5 +66,8 @@ class TestEmbeddedModelThroughTheApi:
                 await asyncio.sleep(0.02)
             assert (await generation).status_code == 200
 
+        # A blocked event loop would hold every probe for the whole generation (seconds);
+        # the bounds are loose enough for a busy machine and far below that.
         assert len(latencies) >= 5
-        assert max(latencies) < 0.25, latencies
+        assert statistics.median(latencies) < 0.05, latencies
+        assert max(latencies) < 1.0, latencies

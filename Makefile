@@ -31,7 +31,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck  ## lint, type-check, then the whole suite on SQLite and PostgreSQL
-	$(BIN)/pytest --cov --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not chaos" --cov --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
+
+# Schemathesis, as two users, every check: 1,000 examples per operation, fixed seed, on SQLite
+# and PostgreSQL (`make test` runs the same test with 40). Needs PostgreSQL like `make test`.
+.PHONY: fuzz
+fuzz: $(STAMP)  ## the long Schemathesis run; prints its figures
+	FUZZ_EXAMPLES=1000 FUZZ_SEED=20261124 $(BIN)/pytest tests/test_fuzz.py -s -p no:cacheprovider
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests bench
@@ -39,3 +45,29 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+
+# Benchmarks (bench/README.md). PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth); each
+# run creates and drops its own database. BENCH_ARGS passes options, e.g. BENCH_ARGS=--quick.
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+.PHONY: bench bench-soak bench-peers
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[local,dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## the benchmark suite (~15 min; BENCH_ARGS=--quick: ~2 min)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-soak: $(BENCH_STAMP)  ## 10-minute memory soak of one worker
+	$(BIN)/python -m bench.soak $(BENCH_ARGS)
+
+bench-peers: $(BENCH_STAMP)  ## LiteLLM proxy beside the app, against the same fake LLM
+	$(BIN)/python -m bench.peers $(BENCH_ARGS)
+
+# Fault injection at length (tests/chaos): PostgreSQL restarted and stopped under load (it
+# controls the local cluster, see tests/chaos/__init__.py) and 1,000 concurrent sends to one
+# conversation. `make test` runs the short variants of the same tests.
+.PHONY: chaos
+chaos: $(STAMP)  ## the long chaos tests (~3 min; restarts and stops local PostgreSQL)
+	$(BIN)/pytest -m chaos -p no:cacheprovider tests/chaos

@@ -188,7 +188,7 @@ class TestDatabaseUnavailable:
                 model="fake-model",
             ),
             limits=LimitSettings(_env_file=None),
-            auth=AuthSettings(_env_file=None, server_secret=TEST_SERVER_SECRET),
+            auth=AuthSettings(_env_file=None, server_secret=SecretStr(TEST_SERVER_SECRET)),
         )
         app = create_app(settings)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

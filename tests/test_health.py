@@ -53,7 +53,7 @@ def settings_with_database(url: str, fake_llm: FakeLLM) -> Settings:
             model="fake-model",
         ),
         limits=LimitSettings(_env_file=None),
-        auth=AuthSettings(_env_file=None, server_secret=TEST_SERVER_SECRET),
+        auth=AuthSettings(_env_file=None, server_secret=SecretStr(TEST_SERVER_SECRET)),
     )
 
 

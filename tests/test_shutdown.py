@@ -99,8 +99,8 @@ class TestSigterm:
     async def test_an_open_stream_is_finished_and_stored_before_the_process_exits(
         self, engine: AsyncEngine, servers: ServerPool, fake_llm: FakeLLM, db_url: str
     ) -> None:
-        deltas = counted_deltas(40)
-        fake_llm.enqueue(Script(deltas=deltas, token_delay=0.07))  # about 3 s
+        deltas = counted_deltas(30)
+        fake_llm.enqueue(Script(deltas=deltas, token_delay=0.07))  # about 2 s
         server = await servers.start(
             db_url, env={"SHUTDOWN_GRACE_SECONDS": "10"}, args=["--graceful-timeout", "10"]
         )
@@ -174,7 +174,7 @@ class TestSigterm:
         deltas = counted_deltas(200)
         fake_llm.enqueue(Script(deltas=deltas, token_delay=0.05))  # about 10 s
         fake_llm.default = Script(reply="Back again.")
-        reliability = {"STREAM_CHECKPOINT_INTERVAL": "0.2", "CONVERSATION_LEASE_SECONDS": "1.5"}
+        reliability = {"STREAM_CHECKPOINT_INTERVAL": "0.2", "CONVERSATION_LEASE_SECONDS": "1"}
         first = await servers.start(db_url, env=reliability)
         received: list[SSEEvent] = []
         async with httpx.AsyncClient(base_url=first.base_url, timeout=30) as http:

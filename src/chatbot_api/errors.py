@@ -43,6 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -242,6 +243,38 @@ def error_envelope(code: str, message: str, details: list[Any] | None = None) ->
     if details is not None:
         body["details"] = details
     return {"error": body}
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[Any] | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """The one shape of every error response, for the OpenAPI schema."""
+
+    error: ErrorBody
+
+
+_STATUS_DESCRIPTIONS = {
+    400: "The body could not be parsed.",
+    401: "No API key, or not a valid one (`WWW-Authenticate: Bearer`).",
+    403: "The key's scope does not allow this, or the model is not allowed.",
+    404: "No such object, or not one of yours: the same answer either way.",
+    413: "The body is over the size limit.",
+    422: "The request is invalid.",
+    429: "A limit of this key or client was exceeded (`Retry-After`, `x-ratelimit-*`).",
+    503: "The database or the rate limiter is unavailable (`Retry-After`).",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the errors a route can answer, all in the envelope's shape."""
+    return {
+        status: {"model": ErrorEnvelope, "description": _STATUS_DESCRIPTIONS[status]}
+        for status in statuses
+    }
 
 
 def _render(

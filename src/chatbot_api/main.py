@@ -22,7 +22,7 @@ from chatbot_api.chat.turns import TurnManager
 from chatbot_api.config import LLMSettings, ResolvedProvider, Settings
 from chatbot_api.conversations.router import router as conversations_router
 from chatbot_api.db import create_engine, create_sessionmaker
-from chatbot_api.errors import install_error_handlers
+from chatbot_api.errors import error_responses, install_error_handlers
 from chatbot_api.health import router as health_router
 from chatbot_api.limits.service import Generations, create_limiter
 from chatbot_api.llm.base import Provider
@@ -145,9 +145,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health_router)
-    app.include_router(conversations_router)
-    app.include_router(chat_router)
-    app.include_router(keys_router)
+    # Every API route may answer these; routes document their own specific ones on top.
+    api_errors = error_responses(400, 401, 403, 404, 413, 422, 429, 503)
+    app.include_router(conversations_router, responses=api_errors)
+    app.include_router(chat_router, responses=api_errors)
+    app.include_router(keys_router, responses=api_errors)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     security.install(app, cors_origins=settings.cors_origin_list)
     return app

@@ -2,15 +2,18 @@
 
 Shared by the shutdown, database-fault and chaos tests:
 
-- `ServerPool` starts servers (each with its log in a file, shown when a test fails) and
-  stops them after the test: SIGTERM, then SIGKILL if they do not exit.
+- `ServerPool` starts servers (each logging to a file; `Server.log_tail()` goes into failure
+  messages) and stops them after the test: SIGTERM, then SIGKILL if they do not exit.
 - `sse_events` reads a live event stream one event at a time.
 - `postgres_ctl` stops, starts and restarts the PostgreSQL cluster the tests run on. By
   default that is the local Debian cluster (`pg_ctlcluster <version> main`, as root); set
   `TEST_POSTGRES_CTL` to another command prefix (the action is appended), e.g.
-  `runuser -u postgres -- pg_ctl -D /path/to/data -w -m fast`.
+  `runuser -u postgres -- pg_ctl -D /path/to/data -w -m fast`. A restart cuts every client
+  of that cluster for about a second, not only these tests.
 
 Tests marked `chaos` are the long variants, run by `make chaos` and left out of `make test`.
+They run for minutes and stop PostgreSQL for several seconds, so they also skip themselves
+unless `-m` names them (`opt_in_to_chaos`): a plain `pytest` does not run them.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from chatbot_api.conversations.models import Conversation, Message
 from tests.chat.helpers import SSEEvent, parse_sse
@@ -57,6 +60,12 @@ BASE_ENV = {
     # Teardown stops servers; a test about shutdown sets its own grace.
     "SHUTDOWN_GRACE_SECONDS": "2",
 }
+
+
+def opt_in_to_chaos(request: pytest.FixtureRequest) -> None:
+    """Skip a long chaos test unless it was asked for with `-m chaos` (`make chaos`)."""
+    if "chaos" not in str(request.config.getoption("markexpr") or ""):
+        pytest.skip("a long chaos run: select it with -m chaos (make chaos)")
 
 
 def free_port() -> int:
@@ -308,3 +317,83 @@ async def ensure_postgres_running() -> None:
     if not await postgres_accepts(connect_within=3.0) and await run_postgres_ctl("status") != 0:
         await run_postgres_ctl("start")
     await wait_postgres()
+
+
+# --- the ledger: what the clients were told, checked against what was stored ------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A send the server acknowledged (200, or a stream's `message.completed`)."""
+
+    conversation_id: str
+    message: str
+    user_message_id: str
+    assistant_message_id: str
+    response: str
+
+
+@dataclass(slots=True)
+class Audit:
+    """The stored side of the ledger."""
+
+    lost: list[str]
+    duplicated: list[str]
+    seq_problems: list[str]
+    stored_pairs: int
+    streaming_rows: int
+
+
+async def audit(engine: AsyncEngine, conversation_ids: Sequence[str], acks: Sequence[Ack]) -> Audit:
+    """Check every acknowledged send against the database: its user message and its reply are
+    stored once, in consecutive `seq`s, the reply `completed` with the acknowledged text; and
+    every conversation's `seq`s are unique and gapless."""
+    rows: dict[str, list[dict[str, Any]]] = {
+        cid: await stored_messages(engine, cid) for cid in conversation_ids
+    }
+    by_id = {str(row["id"]): row for stored in rows.values() for row in stored}
+    lost: list[str] = []
+    for ack in acks:
+        user = by_id.get(ack.user_message_id)
+        reply = by_id.get(ack.assistant_message_id)
+        if (
+            user is None
+            or reply is None
+            or (user["role"], user["content"], user["status"]) != ("user", ack.message, "completed")
+            or (reply["role"], reply["status"]) != ("assistant", "completed")
+            or reply["content"] != ack.response
+            or reply["seq"] != user["seq"] + 1
+        ):
+            lost.append(f"{ack.message}: user={user} reply={reply}")
+    duplicated: list[str] = []
+    seq_problems: list[str] = []
+    for cid, stored in rows.items():
+        seqs = [row["seq"] for row in stored]
+        if seqs != list(range(1, len(seqs) + 1)):
+            seq_problems.append(f"{cid}: {seqs}")
+        sent = [row["content"] for row in stored if row["role"] == "user"]
+        duplicated += sorted({text for text in sent if sent.count(text) > 1})
+    return Audit(
+        lost=lost,
+        duplicated=duplicated,
+        seq_problems=seq_problems,
+        stored_pairs=sum(1 for stored in rows.values() for row in stored if row["role"] == "user"),
+        streaming_rows=sum(
+            1 for stored in rows.values() for row in stored if row["status"] == "streaming"
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def postgres_engine(url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test database that survives restarts (pre-ping); it makes sure the
+    cluster runs again, then empties the chat tables, when the test ends."""
+    engine = create_async_engine(url, pool_pre_ping=True)
+    try:
+        yield engine
+    finally:
+        await ensure_postgres_running()
+        async with engine.begin() as connection:
+            await connection.execute(delete(Message))
+            await connection.execute(delete(Conversation))
+        await engine.dispose()

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chatbot_api.auth import service
+from chatbot_api.auth import keys, service
 from chatbot_api.auth.models import KeyScope
 from chatbot_api.config import Settings
 from chatbot_api.db import create_engine, create_sessionmaker
@@ -115,7 +115,7 @@ def cmd_list(_args: argparse.Namespace, settings: Settings) -> int:
                 key.name,
                 principal.name,
                 key.scope,
-                key.hint,
+                keys.display_hint(key.hint),
                 key.created_at.strftime("%Y-%m-%d %H:%M"),
                 key.expires_at.strftime("%Y-%m-%d %H:%M") if key.expires_at else "never",
                 status,
@@ -170,8 +170,8 @@ def _positive(value: str) -> int:
 def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `keys create|list|revoke` to the `chatbot-api` parser."""
     run = _run
-    keys = sub.add_parser("keys", help="create, list and revoke API keys")
-    actions = keys.add_subparsers(dest="action", required=True)
+    group = sub.add_parser("keys", help="create, list and revoke API keys")
+    actions = group.add_subparsers(dest="action", required=True)
 
     create = actions.add_parser("create", help="create a key; prints it once, as the last line")
     create.add_argument("--name", required=True, help="what the key is for")

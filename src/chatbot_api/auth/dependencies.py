@@ -30,8 +30,8 @@ from chatbot_api.limits.base import Limiter
 bearer = HTTPBearer(
     auto_error=False,
     scheme_name="APIKey",
-    bearerFormat="cbk_…",
-    description="An API key, sent as `Authorization: Bearer cbk_…`.",
+    bearerFormat="API key",
+    description="An API key (`chatbot-api keys create`), sent in the Authorization header.",
 )
 
 # Query parameters that name a credential: refused whatever their value.
@@ -96,7 +96,7 @@ async def _identify(
     failures = settings.auth.failed_attempts_per_minute
     await limits.check_auth_throttle(limiter, client=client, limit=failures)
     if credentials is None:
-        raise Unauthorized("An API key is required: send `Authorization: Bearer cbk_…`.")
+        raise Unauthorized("An API key is required, in the Authorization header (scheme: Bearer).")
     try:
         async with request.app.state.sessionmaker() as session:
             key, principal = await service.authenticate(

@@ -47,5 +47,11 @@ def hash_key(key: str, server_secret: str) -> str:
 
 
 def hint(key: str) -> str:
-    """What a listing shows of a key: enough to tell keys apart, far too little to use."""
-    return key[: len(PREFIX) + HINT_CHARS] + "…"
+    """What is stored to tell keys apart: a few characters after the prefix, far too few to
+    use. Without the prefix, so nothing stored (or logged by a database driver) looks like
+    a key."""
+    return key[len(PREFIX) : len(PREFIX) + HINT_CHARS]
+
+
+def display_hint(stored: str) -> str:
+    return f"{PREFIX}{stored}…"

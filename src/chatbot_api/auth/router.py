@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response, status
 
-from chatbot_api.auth import service
+from chatbot_api.auth import keys, service
 from chatbot_api.auth.dependencies import AdminPrincipal, SettingsDep
 from chatbot_api.auth.models import ApiKey, KeyScope, Principal
 from chatbot_api.auth.schemas import KeyCreate, KeyCreated, KeyLimitsOut, KeyList, KeyOut
@@ -44,7 +44,7 @@ def key_out(key: ApiKey, principal: Principal) -> KeyOut:
         name=key.name,
         user=principal.name,
         scope=KeyScope(key.scope),
-        hint=key.hint,
+        hint=keys.display_hint(key.hint),
         created_at=key.created_at,
         expires_at=key.expires_at,
         revoked_at=key.revoked_at,

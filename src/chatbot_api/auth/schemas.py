@@ -7,10 +7,10 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator
+from pydantic import BaseModel, Field, StringConstraints
 
 from chatbot_api.auth.models import KeyScope
-from chatbot_api.auth.service import parse_expires_in
+from chatbot_api.auth.service import EXPIRES_IN_PATTERN
 from chatbot_api.conversations.schemas import RequestModel
 
 Name = Annotated[
@@ -35,16 +35,11 @@ class KeyCreate(RequestModel):
     )
     scope: KeyScope = KeyScope.USER
     expires_in: str | None = Field(
-        None, max_length=16, description="Lifetime such as `30d`, `12h` or `45m`; none: never."
+        None,
+        pattern=EXPIRES_IN_PATTERN,
+        description="Lifetime such as `30d`, `12h` or `45m`; none: never.",
     )
     limits: KeyLimitsIn = Field(default_factory=KeyLimitsIn)
-
-    @field_validator("expires_in")
-    @classmethod
-    def _check_expires_in(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_expires_in(value)
-        return value
 
 
 class KeyLimitsOut(BaseModel):

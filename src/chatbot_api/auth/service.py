@@ -26,20 +26,17 @@ from chatbot_api.db import utcnow
 from chatbot_api.errors import InvalidApiKey, NotFound
 
 BOOTSTRAP_PRINCIPAL = "admin"
-MAX_EXPIRY = timedelta(days=3650)
-_EXPIRES_IN = re.compile(r"^([1-9][0-9]{0,6})([mhd])$")
+# `30d`, `12h`, `45m`; the digit counts keep every lifetime under 10,000 days, so the schema
+# alone says what is valid.
+EXPIRES_IN_PATTERN = r"^([1-9][0-9]{0,3}d|[1-9][0-9]{0,4}h|[1-9][0-9]{0,5}m)$"
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 
 
 def parse_expires_in(text: str) -> timedelta:
-    """`30d`, `12h`, `45m`: a lifetime of at most ten years."""
-    match = _EXPIRES_IN.fullmatch(text.strip())
-    if match is None:
+    """A key's lifetime from `30d`, `12h` or `45m`."""
+    if re.fullmatch(EXPIRES_IN_PATTERN, text) is None:
         raise ValueError("use a number followed by m, h or d, for example 30d")
-    delta = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    if delta > MAX_EXPIRY:
-        raise ValueError("at most 3650 days")
-    return delta
+    return timedelta(**{_UNITS[text[-1]]: int(text[:-1])})
 
 
 @dataclass(frozen=True, slots=True)

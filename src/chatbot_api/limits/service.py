@@ -206,6 +206,11 @@ class Generations:
             with contextlib.suppress(Exception):
                 await self._limiter.release(f"streams:{subject}", token)
 
+    async def settled(self) -> None:
+        """Wait until every turn started so far has been settled (usage counted)."""
+        while self._watchers:
+            await asyncio.gather(*self._watchers, return_exceptions=True)
+
     async def drain(self, grace: float) -> None:
         if self._watchers:
             _, pending = await asyncio.wait(set(self._watchers), timeout=grace)

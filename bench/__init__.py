@@ -1,0 +1,1 @@
+"""The chatbot-api benchmark suite: `make bench` (see bench/README.md)."""

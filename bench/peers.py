@@ -1,0 +1,121 @@
+"""Peer comparison (`make bench-peers`, optional): LiteLLM's proxy and the app side by side,
+against the same fake LLM, in the same run.
+
+LiteLLM is installed into its own virtualenv (`bench/.venv-peers`, `litellm[proxy]`), so its
+dependencies never meet the app's. The proxy runs one worker with no database (it stores no
+history); the app stores every message. Open loop at `--rate` req/s, interleaved A/B/C: the
+fake called directly, the proxy relaying the same streamed chat-completions request, and the
+app's streamed send-message. Reported: p50/p99 added to the direct call, and server CPU per
+request. Writes `bench/results/peers.md` and `peers.json`.
+
+    python -m bench.peers [--rate 100] [--seconds 15] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import Bench, Job, direct, interleave, send
+from bench.results import Results, Target, merge, pct_ms
+from bench.run import prepare, raise_fd_limit
+from bench.seed import drop_database
+from bench.servers import LOGS, FakeConfig, LoadGen, Proc, Registry, free_port, wait_http
+
+VENV = Path(__file__).resolve().parent / ".venv-peers"
+PACKAGE = "litellm[proxy]"
+
+
+def ensure_litellm() -> Path:
+    """The proxy's executable, installed on first use into its own venv."""
+    exe = VENV / "bin" / "litellm"
+    if not exe.exists():
+        print(f"installing {PACKAGE} into {VENV} (first run only)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
+        pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "--upgrade", "pip"], check=True, timeout=600)
+        subprocess.run([*pip, PACKAGE], check=True, timeout=1800)
+    return exe
+
+
+async def start_litellm(reg: Registry, exe: Path, fake: Proc) -> Proc:
+    port = free_port()
+    config = LOGS / "litellm-config.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: fake\n"
+        "    litellm_params:\n"
+        "      model: openai/fake\n"
+        f"      api_base: http://127.0.0.1:{fake.port}/v1\n"
+        "      api_key: x\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+    )
+    argv = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    proc = await reg.spawn("peers-litellm", [*argv, "--num_workers", "1"], port=port)
+    await wait_http(proc, "/health/liveliness", within=180)
+    return proc
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    raise_fd_limit()
+    exe = await asyncio.to_thread(ensure_litellm)
+    reg = Registry()
+    results = Results(quick=False)
+    b = Bench(reg, LoadGen(reg), results, False, args.db)
+    wall = time.monotonic()
+    try:
+        await prepare(b)
+        async with b.scope() as scope:
+            fake = await b.fake(scope, "peers-fake", FakeConfig())
+            app = await b.app(scope, "peers-app", fake)
+            proxy = await start_litellm(scope, exe, fake)
+            common = {"count": int(args.rate * args.seconds), "rate": args.rate, "concurrency": 256}
+            await b.warm(app, count=300, stream=True)
+            proxied = direct(fake, **common) | {"port": proxy.port, "name": "litellm"}
+            await b.job([proxied | {"count": 300, "rate": 50.0}])
+
+            async def run_direct() -> Job:
+                return await b.job([direct(fake, **common)], cpu={"fake": fake})
+
+            async def run_proxy() -> Job:
+                return await b.job([dict(proxied)], cpu={"server": proxy})
+
+            async def run_app() -> Job:
+                spec = send(app, b.conversations, stream=True, **common)
+                return await b.job([spec], cpu={"server": app})
+
+            jobs = await interleave(
+                args.rounds, {"direct": run_direct, "litellm": run_proxy, "app": run_app}
+            )
+        base = merge([j.part()["latency"] for j in jobs["direct"]])
+        for name in ("litellm", "app"):
+            h = merge([j.part()["latency"] for j in jobs[name]])
+            ok = sum(j.part()["ok"] for j in jobs[name])
+            cpu = sum(j.cpu("server") for j in jobs[name]) / max(1, ok) * 1e6
+            for p in (50, 99):
+                added = pct_ms(h, p) - pct_ms(base, p)
+                note = f"{ok} ok; server CPU {cpu:.0f} us/request; stream, {args.rate:g} req/s"
+                results.add(Target(0, f"{name}: added p{p}", added, "ms", "<=", float("inf"), note))
+    finally:
+        await reg.stop_all()
+        await drop_database(args.db)
+    path = results.write("peers")
+    print(f"{(time.monotonic() - wall) / 60:.1f} min -> {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="LiteLLM proxy beside the app.")
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--db", default="chatbot_bench_peers")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""S6. Memory: idle worker <= 80 MB RSS without the local model; <= 40 KB per open stream; RSS
+back within 10% of idle after load; no growth over a 10-minute soak (`make bench-soak`; the
+suite runs a short one).
+
+- Idle: a fresh worker (one process) after a warm-up of creates, sends and streams.
+- Per open stream and back-to-idle: the worker that carried S3's 1,000 concurrent streams:
+  (peak RSS with every stream open - its idle RSS) / streams, and its RSS once the load is
+  over and idle connections have timed out. If S3 did not run, the same load runs here.
+- Growth: a mixed open-loop load (sends, streams, creates) on a fresh worker while RSS is
+  sampled; growth is the median of the last tenth of the samples minus the median of the
+  tenth at the half-way point, so warm-up does not count and one outlier does not decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from typing import Any
+
+from bench.common import Bench, create, send
+from bench.procstat import Sampler, rss_bytes
+from bench.results import LOADGEN_LIMIT, Target
+from bench.servers import FakeConfig, Proc
+
+MB = 1024 * 1024
+
+
+async def soak(b: Bench, app: Proc, fake: Proc, seconds: float, interval: float) -> dict[str, Any]:
+    """Mixed load for `seconds`: 40 sends/s, 10 streams/s, 10 creates/s (open loop)."""
+    sampler = Sampler({"app": app.pids()}, interval=interval).start()
+    parts = [
+        send(app, b.conversations, rate=40, count=int(40 * seconds), concurrency=128),
+        send(app, b.conversations, stream=True, rate=10, count=int(10 * seconds), concurrency=64),
+        create(app, rate=10, count=int(10 * seconds), concurrency=32),
+    ]
+    job = await b.job(parts, cpu={"app": app}, deadline=seconds + 60)
+    await sampler.stop()
+    rss = [s.rss["app"] for s in sampler.samples]
+    tenth = max(1, len(rss) // 10)
+    half = len(rss) // 2
+    middle = statistics.median(rss[half - tenth // 2 : half + tenth - tenth // 2] or rss)
+    last = statistics.median(rss[-tenth:])
+    return {
+        "seconds": seconds,
+        "samples": len(rss),
+        "start_rss": rss[0],
+        "middle_rss": middle,
+        "end_rss": last,
+        "max_rss": max(rss),
+        "growth": last - middle,
+        "ok": sum(p["ok"] for p in job.raw["parts"]),
+        "sent": sum(p["sent"] for p in job.raw["parts"]),
+        "loadgen_cores": job.loadgen_cores,
+        "series_mb": [round(r / MB, 1) for r in rss[:: max(1, len(rss) // 40)]],
+    }
+
+
+def growth_target(b: Bench, result: dict[str, Any], label: str) -> None:
+    limit_mb = max(2.0, 0.02 * result["middle_rss"] / MB)
+    flag = ""
+    if result["loadgen_cores"] > LOADGEN_LIMIT:
+        flag = f"load generator at {result['loadgen_cores']:.0%} of a core"
+    note = (
+        f"{label}: {result['seconds']:.0f} s, {result['ok']}/{result['sent']} ok; RSS "
+        f"{result['start_rss'] / MB:.1f} -> {result['middle_rss'] / MB:.1f} (half-way) -> "
+        f"{result['end_rss'] / MB:.1f} MB; limit max(2 MB, 2% of RSS)"
+    )
+    b.results.add(
+        Target(
+            6,
+            f"RSS growth, 2nd half of {label}",
+            result["growth"] / MB,
+            "MB",
+            "<=",
+            limit_mb,
+            note,
+            flag,
+        )
+    )
+
+
+async def run(b: Bench) -> None:
+    async with b.scope() as reg:
+        fake = await b.fake(reg, "s6-fake", FakeConfig())
+        app = await b.app(reg, "s6-app", fake)
+        start_rss = rss_bytes(app.pid)
+        await b.job(
+            [
+                send(app, b.conversations, count=300, concurrency=8),
+                send(app, b.conversations, stream=True, count=100, concurrency=4),
+                create(app, count=200, concurrency=4),
+            ]
+        )
+        await asyncio.sleep(2.0)
+        idle = rss_bytes(app.pid)
+        note = f"one worker, remote provider; {start_rss / MB:.1f} MB just after start-up"
+        b.results.add(Target(6, "idle worker RSS (after warm-up)", idle / MB, "MB", "<=", 80, note))
+
+        if "stream_memory" not in b.shared:
+            from bench.scenarios.s3_streaming import many_streams
+
+            tokens = b.n(150, 40)
+            fake_long = await b.fake(
+                reg, "s6-fake-long", FakeConfig(tokens=tokens, token_delay=0.05)
+            )
+            app_long = await b.app(reg, "s6-app-long", fake_long)
+            await b.job([send(app_long, b.conversations, stream=True, count=50, concurrency=50)])
+            await many_streams(b, fake_long, app_long, tokens)
+        mem = b.shared["stream_memory"]
+        per = (mem["peak_rss"] - mem["idle_rss"]) / mem["streams"] / 1024
+        broken = ""
+        if mem["completed_fraction"] < 0.9:
+            broken = f"only {mem['completed_fraction']:.0%} of the streams completed"
+        note = (
+            f"S3's worker: idle {mem['idle_rss'] / MB:.1f} MB, {mem['peak_rss'] / MB:.1f} MB with "
+            f"{mem['streams']} streams open"
+        )
+        b.results.add(Target(6, "RSS per open stream", per, "KB", "<=", 40, note, error=broken))
+        back = (mem["after_rss"] - mem["idle_rss"]) / mem["idle_rss"] * 100
+        note = (
+            f"S3's worker: {mem['after_rss'] / MB:.1f} MB {mem['settle_s']} s after "
+            f"{mem['streams']} streams, idle {mem['idle_rss'] / MB:.1f} MB"
+        )
+        b.results.add(Target(6, "RSS after load vs idle", back, "%", "<=", 10, note, error=broken))
+
+        result = await soak(b, app, fake, b.n(120, 20), 2.0)
+        growth_target(b, result, "short soak")
+        b.results.detail(6, "short soak RSS series (MB)", result["series_mb"])

@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck  ## lint, type-check, then the whole suite on SQLite and PostgreSQL
-	$(BIN)/pytest -m "not chaos" --cov --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
+	$(BIN)/pytest --cov --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
 
 # Schemathesis, as two users, every check: 1,000 examples per operation, fixed seed, on SQLite
 # and PostgreSQL (`make test` runs the same test with 40). Needs PostgreSQL like `make test`.

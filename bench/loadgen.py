@@ -191,6 +191,10 @@ class Part:
             cid = None  # its turn may still be running: do not reuse the conversation
         except ConnectionError:
             self.errors["connection"] = self.errors.get("connection", 0) + 1
+        except asyncio.CancelledError:
+            # The job's hard deadline: the request is still counted, as unfinished.
+            self.errors["unfinished"] = self.errors.get("unfinished", 0) + 1
+            raise
         end = time.monotonic()
         self.end = max(self.end, end)
         if cid is not None:

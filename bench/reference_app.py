@@ -48,6 +48,9 @@ RELEASE = """UPDATE conversations SET busy_until = NULL, updated_at = $2
 WHERE id = $1 AND next_seq = $3"""
 CREATE = """INSERT INTO conversations (id, next_seq, created_at, updated_at)
 VALUES ($1, 1, $2, $2)"""
+# With an owner column (API keys), new conversations belong to the owner the app used.
+CREATE_OWNED = """INSERT INTO conversations (id, next_seq, created_at, updated_at, owner_id)
+VALUES ($1, 1, $2, $2, $3)"""
 
 
 class Reference:
@@ -58,6 +61,7 @@ class Reference:
         self.pool: asyncpg.Pool | None = None
         self.http: aiohttp.ClientSession | None = None
         self.tokens = TokenEstimator()
+        self.owner: Any = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -81,6 +85,15 @@ class Reference:
             if message["type"] == "lifespan.startup":
                 size = self.pool_size
                 self.pool = await asyncpg.create_pool(self.database_url, min_size=2, max_size=size)
+                async with self.pool.acquire() as conn:
+                    has_owner = await conn.fetchval(
+                        "SELECT count(*) FROM information_schema.columns "
+                        "WHERE table_name = 'conversations' AND column_name = 'owner_id'"
+                    )
+                    if has_owner:
+                        self.owner = await conn.fetchval(
+                            "SELECT owner_id FROM conversations LIMIT 1"
+                        )
                 self.http = aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(limit=0, limit_per_host=0)
                 )
@@ -97,7 +110,10 @@ class Reference:
         assert self.pool is not None
         cid, now = uuid.uuid4(), datetime.now(UTC)
         async with self.pool.acquire() as conn:
-            await conn.execute(CREATE, cid, now)
+            if self.owner is not None:
+                await conn.execute(CREATE_OWNED, cid, now, self.owner)
+            else:
+                await conn.execute(CREATE, cid, now)
         return {"id": str(cid), "created_at": now.isoformat()}
 
     async def begin(self, cid: uuid.UUID, text: str) -> tuple[Any, ...] | None:

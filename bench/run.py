@@ -51,6 +51,20 @@ SCENARIOS = {
 }
 
 
+async def postmaster_start(db: str) -> str:
+    """When PostgreSQL last started: a change means someone restarted it under us."""
+    for _ in range(30):
+        try:
+            conn = await asyncpg.connect(dsn(db))
+            try:
+                return str(await conn.fetchval("SELECT pg_postmaster_start_time()"))
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError):
+            await asyncio.sleep(1.0)
+    return "unreachable"
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
@@ -108,6 +122,8 @@ async def main_async(args: argparse.Namespace) -> int:
             module_name, title = SCENARIOS[number]
             print(f"\n== S{number}: {title}", flush=True)
             started = time.monotonic()
+            first = len(results.targets)
+            pg_started = await postmaster_start(b.db)
             try:
                 module = importlib.import_module(module_name)
                 await module.run(b)
@@ -117,6 +133,11 @@ async def main_async(args: argparse.Namespace) -> int:
                 reason = f"{type(exc).__name__}: {exc}"[:300]
                 results.add(Target(number, title, None, "", "<=", 0, error=reason))
             results.detail(number, "duration", f"{time.monotonic() - started:.0f} s")
+            if await postmaster_start(b.db) != pg_started:
+                # Another process restarted PostgreSQL (the chaos tests do): not our figures.
+                for target in results.targets[first:]:
+                    target.invalid = target.invalid or "PostgreSQL was restarted meanwhile"
+                print("   PostgreSQL was restarted during this scenario: flagged INVALID")
     finally:
         results.env["load average at end"] = envmod.loadavg()
         await reg.stop_all()

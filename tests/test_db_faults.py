@@ -414,41 +414,30 @@ async def stream_through(
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 class TestReplyStorage:
-    async def test_a_reply_is_stored_once_a_short_lock_is_released(
+    async def test_a_short_lock_is_waited_out_and_a_long_one_ends_in_reply_not_stored(
         self, engine: AsyncEngine, servers: ServerPool, fake_llm: FakeLLM, db_url: str
     ) -> None:
         deltas = tuple(f"t{i} " for i in range(20))
-        fake_llm.enqueue(Script(deltas=deltas, token_delay=0.05))
+        fake_llm.default = Script(deltas=deltas, token_delay=0.05)
         server = await servers.start(db_url, env={"DB_CONNECT_TIMEOUT": "0.3"})
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
-            conversation_id = await create_conversation(http)
+            briefly, for_good = await create_conversation(http), await create_conversation(http)
             lock = SqliteLock(sqlite_path(db_url))
-            events = await stream_through(
-                http, conversation_id, fake_llm, lock, end_after_finish=1.0
+            # Released a second after the reply was generated: within the store's retries.
+            stored_late = await stream_through(http, briefly, fake_llm, lock, end_after_finish=1.0)
+            # Held until the stream has ended: longer than the store is retried (~6 s).
+            never_stored = await stream_through(
+                http, for_good, fake_llm, lock, end_after_finish=None
             )
-        stored = await stored_messages(engine, conversation_id)
+        late_rows = await stored_messages(engine, briefly)
+        lost_rows = await stored_messages(engine, for_good)
 
-        assert events[-1].event == "message.completed", events[-1]
-        assert events[-1].data["response"] == "".join(deltas)
-        assert (stored[1]["status"], stored[1]["content"]) == ("completed", "".join(deltas))
-
-    async def test_a_reply_that_cannot_be_stored_ends_with_reply_not_stored(
-        self, engine: AsyncEngine, servers: ServerPool, fake_llm: FakeLLM, db_url: str
-    ) -> None:
-        deltas = tuple(f"t{i} " for i in range(20))
-        fake_llm.enqueue(Script(deltas=deltas, token_delay=0.05))
-        server = await servers.start(db_url, env={"DB_CONNECT_TIMEOUT": "0.3"})
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
-            conversation_id = await create_conversation(http)
-            lock = SqliteLock(sqlite_path(db_url))
-            events = await stream_through(
-                http, conversation_id, fake_llm, lock, end_after_finish=None
-            )
-        stored = await stored_messages(engine, conversation_id)
-
-        assert events[-1].event == "message.failed", events[-1]
-        assert events[-1].data["error"]["code"] == "reply_not_stored"
-        assert events[-1].data["status"] == "failed"
-        assert sum(e.event in TERMINAL for e in events) == 1
+        assert stored_late[-1].event == "message.completed", stored_late[-1]
+        assert stored_late[-1].data["response"] == "".join(deltas)
+        assert (late_rows[1]["status"], late_rows[1]["content"]) == ("completed", "".join(deltas))
+        assert never_stored[-1].event == "message.failed", never_stored[-1]
+        assert never_stored[-1].data["error"]["code"] == "reply_not_stored"
+        assert never_stored[-1].data["status"] == "failed"
+        assert sum(e.event in TERMINAL for e in never_stored) == 1
         # The client was told the reply is lost, so the database must not claim it completed.
-        assert stored[1]["status"] != "completed"
+        assert lost_rows[1]["status"] != "completed"

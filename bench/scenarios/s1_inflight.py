@@ -42,7 +42,15 @@ async def watch_sessions(db: str, out: dict[str, Any], stop: asyncio.Event) -> N
     conn = await asyncpg.connect(dsn(db))
     try:
         for _ in range(3000):  # at most 5 minutes of samples
-            iit, held, longest = await idle_in_transaction(conn, db, LLM_SECONDS / 2)
+            try:
+                iit, held, longest = await idle_in_transaction(conn, db, LLM_SECONDS / 2)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                # PostgreSQL went away (someone restarted it): reconnect, and say so.
+                out["watcher reconnects"] = out.get("watcher reconnects", 0) + 1
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(OSError, asyncpg.PostgresError):
+                    conn = await asyncpg.connect(dsn(db))
+                continue
             out["samples"] += 1
             out["max idle-in-transaction sessions"] = max(
                 out["max idle-in-transaction sessions"], iit

@@ -123,6 +123,6 @@ async def run(b: Bench) -> None:
         )
         b.results.add(Target(6, "RSS after load vs idle", back, "%", "<=", 10, note, error=broken))
 
-        result = await soak(b, app, fake, b.n(120, 20), 2.0)
+        result = await soak(b, app, fake, b.n(120, 15), 2.0)
         growth_target(b, result, "short soak")
         b.results.detail(6, "short soak RSS series (MB)", result["series_mb"])

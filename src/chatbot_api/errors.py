@@ -341,6 +341,10 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     return _render(500, error_envelope("internal_error", "An internal error occurred."))
 
 
+# Connection exceptions, admin shutdown / crash shutdown / cannot connect now, too many clients.
+TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
 def is_transient_db_error(exc: BaseException) -> bool:
     """Pool exhausted, connection refused or lost, SQLite busy: worth a retry later.
 
@@ -348,7 +352,19 @@ def is_transient_db_error(exc: BaseException) -> bool:
     can wrap anything); provider I/O errors never get here, `llm/` maps them first."""
     if isinstance(exc, PoolTimeoutError | OperationalError | OSError):
         return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if not isinstance(exc, DBAPIError):
+        return False
+    # A restarting PostgreSQL: "cannot connect now" (57P03) at connect, "terminating
+    # connection due to administrator command" (57P01) mid-query, and connection exceptions
+    # (08xxx). asyncpg raises them as PostgresError, which SQLAlchemy wraps in a bare DBAPIError.
+    sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+    return exc.connection_invalidated or sqlstate.startswith(TRANSIENT_SQLSTATES)
+
+
+async def _dbapi_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_transient_db_error(exc):
+        return await _database_error(request, exc)
+    return await _unhandled(request, exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -358,4 +374,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeoutError, _database_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(OSError, _database_error)
+    app.add_exception_handler(DBAPIError, _dbapi_error)
     app.add_exception_handler(Exception, _unhandled)

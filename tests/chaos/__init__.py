@@ -12,8 +12,8 @@ Shared by the shutdown, database-fault and chaos tests:
   of that cluster for about a second, not only these tests.
 
 Tests marked `chaos` are the long variants, run by `make chaos` and left out of `make test`.
-They run for minutes and stop PostgreSQL for several seconds, so they also skip themselves
-unless `-m` names them (`opt_in_to_chaos`): a plain `pytest` does not run them.
+They run for minutes and stop PostgreSQL for several seconds, so pyproject's addopts
+deselects them unless `-m chaos` selects them.
 """
 
 from __future__ import annotations
@@ -60,12 +60,6 @@ BASE_ENV = {
     # Teardown stops servers; a test about shutdown sets its own grace.
     "SHUTDOWN_GRACE_SECONDS": "2",
 }
-
-
-def opt_in_to_chaos(request: pytest.FixtureRequest) -> None:
-    """Skip a long chaos test unless it was asked for with `-m chaos` (`make chaos`)."""
-    if "chaos" not in str(request.config.getoption("markexpr") or ""):
-        pytest.skip("a long chaos run: select it with -m chaos (make chaos)")
 
 
 def free_port() -> int:

@@ -24,7 +24,6 @@ from tests.chaos import (
     ServerPool,
     audit,
     create_conversation,
-    opt_in_to_chaos,
     postgres_engine,
 )
 
@@ -132,8 +131,6 @@ class TestOneConversationManySends:
         servers: ServerPool,
         fake_llm: FakeLLM,
         postgres_url: str,
-        request: pytest.FixtureRequest,
     ) -> None:
-        opt_in_to_chaos(request)
         fake_llm.default = Script(reply="One at a time.", ttft=0.05)
         await burst(servers, engine, postgres_url, 1000)

@@ -33,7 +33,6 @@ from tests.chaos import (
     audit,
     create_conversation,
     ensure_postgres_running,
-    opt_in_to_chaos,
     postgres_engine,
     run_postgres_ctl,
     sse_events,
@@ -244,9 +243,7 @@ class TestRestartUnderLoad:
         servers: ServerPool,
         fake_llm: FakeLLM,
         postgres_url: str,
-        request: pytest.FixtureRequest,
     ) -> None:
-        opt_in_to_chaos(request)
         fake_llm.default = REPLY
         await run_ledger(servers, engine, postgres_url, clients=16, seconds=40, restarts=2)
 
@@ -259,9 +256,7 @@ class TestOutageLongerThanTheStoreRetries:
         servers: ServerPool,
         fake_llm: FakeLLM,
         postgres_url: str,
-        request: pytest.FixtureRequest,
     ) -> None:
-        opt_in_to_chaos(request)
         fake_llm.default = Script(deltas=tuple(f"w{i} " for i in range(30)), token_delay=0.1)
         server = await servers.start(
             postgres_url,

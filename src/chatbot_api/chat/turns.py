@@ -46,6 +46,7 @@ from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.errors import (
     AppError,
     GenerationCancelled,
+    GenerationInterrupted,
     IdempotencyInFlight,
     MessageTooLong,
     ReplyNotStored,
@@ -252,7 +253,9 @@ class TurnManager:
                 # Shutdown cut this turn short: keep what was generated, then stop.
                 checkpoints.cancel()
                 error = ProviderUnavailable("the server shut down before the reply was finished")
-                await asyncio.shield(self._finish(turn, parts, usage, None, error))
+                await asyncio.shield(
+                    self._finish(turn, parts, usage, None, error, interrupted=True)
+                )
                 raise
             # Our own cancel: the provider stream is closed; store what we have.
             current = asyncio.current_task()
@@ -297,6 +300,8 @@ class TurnManager:
         finish: str | None,
         error: ProviderError | None,
         status: MessageStatus | None = None,
+        *,
+        interrupted: bool = False,
     ) -> None:
         assert turn.begun is not None
         turn.finishing = True
@@ -311,6 +316,8 @@ class TurnManager:
         app_error: AppError | None = None
         if status is MessageStatus.CANCELLED:
             app_error = GenerationCancelled("The generation was cancelled.")
+        elif interrupted:
+            app_error = GenerationInterrupted("The server stopped before the reply was finished.")
         elif status is not MessageStatus.COMPLETED:
             app_error = UpstreamError.from_provider(
                 error or ProviderUnavailable("the upstream stream ended before the reply was done")

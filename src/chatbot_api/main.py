@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -75,6 +76,8 @@ def build_provider(settings: Settings) -> Provider:
 def _flip_readiness_on_sigterm(app: FastAPI) -> None:
     """Report not-ready as soon as SIGTERM arrives, while uvicorn lets open streams finish,
     then hand the signal on to uvicorn's own handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals reach only the main thread (an app served from a worker thread)
     previous = signal.getsignal(signal.SIGTERM)
     if not callable(previous):
         return

@@ -9,6 +9,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -229,6 +230,20 @@ class TestFallback:
         assert events == [Routed("primary", "primary-model"), TextDelta("a"), TextDelta(" b")]
         assert type(error) is errors.ProviderUnavailable
         assert (len(rig.primary.requests), len(rig.fallback.requests)) == (1, 0)
+
+    async def test_a_chosen_model_goes_to_the_primary_only(self, rig: Rig) -> None:
+        rig.primary.enqueue(Script(status=401))
+        chosen = replace(OPTIONS, model="chosen-model")
+        provider = await rig.chain()
+        events = [e async for e in provider.stream(MESSAGES, chosen)]
+        assert rig.primary.requests[0].body["model"] == "chosen-model"
+        assert rig.fallback.requests[0].body["model"] == "fallback-model"
+        assert routed(events) == [Routed("fallback", "fallback-model", attempts=2, fallbacks=1)]
+
+    async def test_a_chosen_model_is_what_routed_reports(self, rig: Rig) -> None:
+        chosen = replace(OPTIONS, model="chosen-model")
+        events = [e async for e in (await rig.chain()).stream(MESSAGES, chosen)]
+        assert routed(events) == [Routed("primary", "chosen-model")]
 
 
 class TestBreakerInTheChain:

@@ -41,7 +41,7 @@ import random as _random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from chatbot_api.llm import errors
@@ -227,11 +227,14 @@ class ResilientProvider:
         attempts = 0
         error: errors.ProviderError | None = None
         for index, (provider, breaker) in enumerate(zip(self.chain, self.breakers, strict=True)):
+            # A model the caller chose names the primary's model; fallbacks use their own.
+            member_options = options if index == 0 else replace(options, model=None)
+            model = member_options.model or provider.model
             retry = 0
             while breaker.allow():
                 trial = breaker.state == "half_open"  # let through an open breaker: the trial
                 attempts += 1
-                inner = provider.stream(messages, options)
+                inner = provider.stream(messages, member_options)
                 first: StreamEvent | None = None
                 try:
                     first = await anext(inner)
@@ -256,7 +259,7 @@ class ResilientProvider:
                 breaker.success()
                 self._answered = provider
                 try:
-                    yield Routed(provider.name, provider.model, attempts, index)
+                    yield Routed(provider.name, model, attempts, index)
                     if first is None:
                         return
                     yield first

@@ -88,7 +88,9 @@ async def refuses_connections(server: Server) -> bool:
             async with httpx.AsyncClient(base_url=server.base_url, timeout=2) as probe:
                 try:
                     await probe.get("/health")
-                except httpx.ConnectError:
+                except (httpx.ConnectError, httpx.RemoteProtocolError):
+                    # Refused, or accepted in the instant the listener closed and then
+                    # dropped unanswered: either way no longer serving new connections.
                     return server.process.returncode is None
             await asyncio.sleep(0.02)
     return False

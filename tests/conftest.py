@@ -243,3 +243,8 @@ async def count_rows(engine: AsyncEngine, table: str) -> int:
     async with engine.connect() as connection:
         value = await connection.scalar(text(f"SELECT count(*) FROM {table}"))
     return int(value or 0)
+
+
+# The real-process fixture (`start_server`) lives in tests/servers.py; importing it here makes
+# it available to every test. Last, because that module imports from this one.
+from tests.servers import KEYS, ServerFactory, start_server  # noqa: E402, F401

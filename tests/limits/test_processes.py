@@ -4,85 +4,27 @@ spread over them, exactly the limit is served per window."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
 
-from chatbot_api.testing.fake_llm import FakeLLM
-from tests.auth.helpers import SERVER_ENV, bearer, key_in_database
-from tests.conftest import FAKE_KEY
+from tests.auth.helpers import bearer, key_in_database
 from tests.limits.conftest import REDIS_URL
+from tests.servers import ServerFactory
 
 LIMIT = 10
 Start = Callable[[dict[str, str]], Awaitable[str]]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.fixture
-async def serve(postgres_url: str, fake_llm: FakeLLM) -> AsyncIterator[Start]:
-    processes: list[asyncio.subprocess.Process] = []
+def serve(start_server: ServerFactory, postgres_url: str) -> Start:
+    """Servers on the session's (already migrated) PostgreSQL database."""
 
     async def start(extra: dict[str, str]) -> str:
-        port = _free_port()
-        env = {
-            **os.environ,
-            **SERVER_ENV,
-            "DATABASE_URL": postgres_url,
-            "LLM_PROVIDER": "openai",
-            "LLM_BASE_URL": fake_llm.base_url,
-            "LLM_API_KEY": FAKE_KEY,
-            "LOG_LEVEL": "WARNING",
-            **extra,
-        }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "chatbot_api.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--no-migrate",
-            env=env,
-        )
-        processes.append(process)
-        base = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=base) as http:
-            for _ in range(150):
-                try:
-                    if (await http.get("/health")).status_code == 200:
-                        return base
-                except httpx.TransportError:
-                    pass
-                if process.returncode is not None:
-                    break
-                await asyncio.sleep(0.1)
-        raise AssertionError("the server did not start")
+        return await start_server(postgres_url, extra, migrate=False)
 
-    yield start
-    for process in processes:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            await asyncio.wait_for(process.wait(), 30)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+    return start
 
 
 class TestTwoProcessesShareOneLimit:

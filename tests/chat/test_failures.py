@@ -114,7 +114,7 @@ class TestStreamBreaksMidway:
         assert events[-1].data["partial_response"] == deltas
         reply = (await messages(client, conversation_id))[1]
         assert (reply["status"], reply["content"]) == ("incomplete", "one two ")
-        assert reply["finish_reason"] is None
+        assert reply["finish_reason"] == "error"  # the upstream never gave one
 
     async def test_stream_without_finish_reason_counts_as_incomplete(
         self, client: httpx.AsyncClient, fake_llm: FakeLLM

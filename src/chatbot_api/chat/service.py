@@ -331,6 +331,7 @@ async def reap_orphans(session: AsyncSession, *, now: datetime | None = None) ->
         .values(
             status=MessageStatus.INCOMPLETE,
             completed_at=now,
+            finish_reason="interrupted",
             error={
                 "code": "generation_interrupted",
                 "message": "The server stopped before the reply was finished.",

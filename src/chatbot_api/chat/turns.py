@@ -322,6 +322,15 @@ class TurnManager:
             app_error = UpstreamError.from_provider(
                 error or ProviderUnavailable("the upstream stream ended before the reply was done")
             )
+        if status is not MessageStatus.COMPLETED and finish is None:
+            # Every stored reply says why it ended, even when the upstream never did.
+            finish = (
+                "cancelled"
+                if status is MessageStatus.CANCELLED
+                else "interrupted"
+                if interrupted
+                else "error"
+            )
         completion_tokens = usage.completion_tokens if usage else self._provider.count_tokens(text)
         if usage is None and status is MessageStatus.CANCELLED:
             # A cancelled stream never reaches the provider's usage chunk: count it ourselves.

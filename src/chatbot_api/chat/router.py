@@ -17,7 +17,7 @@ from chatbot_api.chat import events
 from chatbot_api.chat.dependencies import MessageIdDep, TurnsDep
 from chatbot_api.chat.schemas import ChatResponse, SendMessage
 from chatbot_api.conversations import service as conversations
-from chatbot_api.conversations.dependencies import ConversationIdDep
+from chatbot_api.conversations.dependencies import ConversationIdDep, ParsedConversationId
 from chatbot_api.conversations.router import message_out
 from chatbot_api.conversations.schemas import MessageOut
 from chatbot_api.db import SessionDep
@@ -84,7 +84,9 @@ def _request_hash(conversation_id: uuid.UUID, body: SendMessage) -> str:
     summary="Send a message and get the reply",
 )
 async def send_message(
-    conversation_id: ConversationIdDep,
+    # Only parsed here: the claim in `chat.service.begin_turn` checks the owner in the same
+    # UPDATE (404 with the same body), which saves a round trip on every turn.
+    conversation_id: ParsedConversationId,
     body: SendMessage,
     request: Request,
     response: Response,

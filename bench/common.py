@@ -61,6 +61,8 @@ class Bench:
     seeder: Seeder | None = None
     shared: dict[str, Any] = field(default_factory=dict)
     bearer: str | None = None
+    # Settings given to every app process (`--app-env`), for what-if runs.
+    app_env: dict[str, str] = field(default_factory=dict)
 
     def n(self, full: Any, quick: Any) -> Any:
         return quick if self.quick else full
@@ -93,7 +95,7 @@ class Bench:
             workers=workers,
             pool_size=pool[0],
             max_overflow=pool[1],
-            env=tuple((env or {}).items()),
+            env=tuple((self.app_env | (env or {})).items()),
         )
         return await start_app(reg, name, config)
 

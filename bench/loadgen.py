@@ -205,7 +205,8 @@ class Part:
         key = str(status)
         self.statuses[key] = self.statuses.get(key, 0) + 1
         good = 200 <= status < 300
-        if not good and (m := _CODE.search(response.body)) is not None:
+        body = response.body or (sink.tail + sink.final if sink is not None else b"")
+        if not good and (m := _CODE.search(body)) is not None:
             code = m.group(1).decode()
             self.codes[code] = self.codes.get(code, 0) + 1
         if sink is not None and good:

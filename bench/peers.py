@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -114,7 +115,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--db", default="chatbot_bench_peers")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--app-src", default=None, help="as for bench.run")
+    args = parser.parse_args()
+    if args.app_src:
+        os.environ["BENCH_APP_SRC"] = os.path.abspath(args.app_src)
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -120,8 +120,8 @@ class Results:
             "# Benchmark results",
             "",
             f"{mode}; {elapsed / 60:.1f} min; {counts['PASS']} PASS, {counts['FAIL']} FAIL, "
-            f"{counts['ERROR']} ERROR, {invalid} flagged invalid (load generator > "
-            f"{LOADGEN_LIMIT:.0%} of a core).",
+            f"{counts['ERROR']} ERROR, {invalid} flagged invalid (load generator over "
+            f"{LOADGEN_LIMIT:.0%} of a core, or PostgreSQL restarted by another process).",
             "",
             "| # | Target | Measured | Threshold | Result | Notes |",
             "|---|---|---|---|---|---|",
@@ -176,3 +176,24 @@ METHOD = """## Method
 - Each run uses a fresh PostgreSQL database, seeded with COPY from rows the app wrote itself,
   then ANALYZEd; conversations are taken at random, never two in flight at once.
 """
+
+
+def render(stem: str = "latest") -> Path:
+    """Write `<stem>.md` again from `<stem>.json` (after a change to the report's layout)."""
+    data = json.loads((RESULTS / f"{stem}.json").read_text())
+    fields = set(Target.__dataclass_fields__)
+    results = Results(
+        quick=data["quick"],
+        env=data["env"],
+        targets=[Target(**{k: v for k, v in t.items() if k in fields}) for t in data["targets"]],
+        details=data["details"],
+    )
+    md = RESULTS / f"{stem}.md"
+    md.write_text(results.markdown(data["elapsed_s"]))
+    return md
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(render(sys.argv[1] if len(sys.argv) > 1 else "latest"))

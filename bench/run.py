@@ -21,6 +21,7 @@ import resource
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import asyncpg
 
@@ -101,10 +102,21 @@ async def seed(b: Bench, reg: Registry) -> None:
 async def prepare(b: Bench) -> None:
     """A fresh database, migrated and seeded; the environment recorded; the generator up."""
     print(f"creating database {b.db} and migrating it", flush=True)
-    await recreate_database(b.db)
+    try:
+        await recreate_database(b.db)
+    except OSError as exc:
+        raise SystemExit(
+            f"PostgreSQL is not reachable at 127.0.0.1:5432 ({exc}); the bench needs it running "
+            "with user postgres and trust auth, as `make test` does (see bench/README.md)"
+        ) from None
     await migrate(b.db)
     b.results.env.update(await envmod.environment(dsn(b.db)))
-    b.results.env["app source"] = os.environ.get("BENCH_APP_SRC") or "the installed work tree"
+    src = os.environ.get("BENCH_APP_SRC")
+    label = "the installed work tree"
+    if src:
+        sha = Path(src).parent / "SHA"  # written beside a `git archive` snapshot, if wanted
+        label = src + (f" (snapshot of {sha.read_text().strip()})" if sha.is_file() else "")
+    b.results.env["app source"] = label
     await b.gen.start()
     async with b.scope() as seed_reg:
         await seed(b, seed_reg)
@@ -115,6 +127,9 @@ async def main_async(args: argparse.Namespace) -> int:
     results = Results(quick=args.quick)
     reg = Registry()
     b = Bench(reg, LoadGen(reg), results, args.quick, args.db, bearer=args.bearer)
+    b.app_env = dict(kv.split("=", 1) for kv in args.app_env)
+    if b.app_env:
+        results.env["app settings added (--app-env)"] = b.app_env
     wall = time.monotonic()
     try:
         await prepare(b)
@@ -167,7 +182,15 @@ def main() -> None:
         "--app-src",
         default=None,
         help="a directory holding another `chatbot_api` package to benchmark instead of the "
-        "installed one (e.g. `git archive <sha> src | tar -x -C /tmp/x` then /tmp/x/src)",
+        "installed one (e.g. `git archive <sha> src | tar -x -C /tmp/x` then /tmp/x/src; "
+        "a file SHA beside it, /tmp/x/SHA, is recorded with the results)",
+    )
+    parser.add_argument(
+        "--app-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for every app process, for what-if runs (repeatable)",
     )
     args = parser.parse_args()
     if args.app_src:

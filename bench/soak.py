@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
 from bench.common import Bench
@@ -48,7 +49,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--db", default="chatbot_bench_soak")
     parser.add_argument("--bearer", default=None)
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--app-src", default=None, help="as for bench.run")
+    args = parser.parse_args()
+    if args.app_src:
+        os.environ["BENCH_APP_SRC"] = os.path.abspath(args.app_src)
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Dependencies of the chat routes: the turn manager and the provider built in the lifespan."""
+"""Dependencies of the chat routes: the turn manager and the provider built in the lifespan.
+
+They are `async def` although they never await: FastAPI runs a plain `def` dependency in a
+worker thread, a thread switch on every request for nothing."""
 
 from __future__ import annotations
 
@@ -12,12 +15,12 @@ from chatbot_api.errors import NotFound
 from chatbot_api.llm.base import Provider
 
 
-def _turns(request: Request) -> TurnManager:
+async def _turns(request: Request) -> TurnManager:
     turns: TurnManager = request.app.state.turns
     return turns
 
 
-def _provider(request: Request) -> Provider:
+async def _provider(request: Request) -> Provider:
     provider: Provider = request.app.state.provider
     return provider
 
@@ -26,7 +29,7 @@ TurnsDep = Annotated[TurnManager, Depends(_turns)]
 ProviderDep = Annotated[Provider, Depends(_provider)]
 
 
-def parse_message_id(message_id: str) -> uuid.UUID:
+async def parse_message_id(message_id: str) -> uuid.UUID:
     """A malformed id names no message: 404, like an unknown one."""
     try:
         return uuid.UUID(message_id)

@@ -19,7 +19,7 @@ from chatbot_api.conversations.models import Conversation
 from chatbot_api.db import SessionDep
 
 
-def parse_conversation_id(conversation_id: str) -> uuid.UUID:
+async def parse_conversation_id(conversation_id: str) -> uuid.UUID:
     """A malformed id names no conversation: 404, the same answer as an unknown one."""
     try:
         return uuid.UUID(conversation_id)

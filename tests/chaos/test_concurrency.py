@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +22,6 @@ from tests.chaos import (
     ServerPool,
     audit,
     create_conversation,
-    postgres_engine,
 )
 
 logger = logging.getLogger(__name__)
@@ -33,21 +30,6 @@ SERVER_ENV = {
     # The burst queues for the pool; a 503 for a slow checkout is not what is tested here.
     "DB_POOL_TIMEOUT": "60",
 }
-
-
-@pytest.fixture
-async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
-    async with postgres_engine(postgres_url) as engine:
-        yield engine
-
-
-@pytest.fixture
-async def servers(fake_llm: FakeLLM, tmp_path: Path) -> AsyncIterator[ServerPool]:
-    pool = ServerPool(tmp_path, fake_llm.base_url)
-    try:
-        yield pool
-    finally:
-        await pool.aclose()
 
 
 async def burst(servers: ServerPool, engine: AsyncEngine, postgres_url: str, sends: int) -> None:

@@ -16,10 +16,8 @@ import contextlib
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 import httpx
 import pytest
@@ -33,7 +31,6 @@ from tests.chaos import (
     audit,
     create_conversation,
     ensure_postgres_running,
-    postgres_engine,
     run_postgres_ctl,
     sse_events,
     wait_ready,
@@ -54,21 +51,6 @@ SERVER_ENV = {
 }
 # Per client: a bound on sends whatever the clock says.
 MAX_SENDS = 2_000
-
-
-@pytest.fixture
-async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
-    async with postgres_engine(postgres_url) as engine:
-        yield engine
-
-
-@pytest.fixture
-async def servers(fake_llm: FakeLLM, tmp_path: Path) -> AsyncIterator[ServerPool]:
-    pool = ServerPool(tmp_path, fake_llm.base_url)
-    try:
-        yield pool
-    finally:
-        await pool.aclose()
 
 
 async def postmaster_started(engine: AsyncEngine) -> datetime:

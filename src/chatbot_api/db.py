@@ -10,15 +10,17 @@ never sees a 2xx for a write that did not commit.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -77,15 +79,17 @@ def new_id() -> uuid.UUID:
 def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     """The engine for `settings.url`, with bounded pool and connect timeouts.
 
-    `pool_pre_ping` makes the first request after a database restart reconnect instead of
-    failing. On SQLite, WAL lets readers run beside the single writer, and `busy_timeout`
-    makes a writer wait for the lock instead of failing at once.
+    No `pool_pre_ping`: it costs a round trip on every checkout, as much CPU as a statement.
+    A connection that died with a database restart fails its first statement instead; then
+    SQLAlchemy invalidates the whole pool (every older connection reconnects), and
+    `run_transaction` retries the work once on a fresh connection, so the hot paths see no
+    error. On SQLite, WAL lets readers run beside the single writer, and `busy_timeout` makes a
+    writer wait for the lock instead of failing at once.
     """
     if settings.is_sqlite:
         engine = create_async_engine(
             settings.url,
             echo=settings.echo,
-            pool_pre_ping=True,
             connect_args={"timeout": settings.connect_timeout},
         )
 
@@ -105,10 +109,33 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,
-        pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={"timeout": settings.connect_timeout, "command_timeout": 30},
     )
+
+
+T = TypeVar("T")
+
+
+async def run_transaction(
+    engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]
+) -> T:
+    """`work(conn)` in one transaction, committed if it returns. If the pooled connection
+    turns out to be dead (the database restarted since it was last used), the work is run
+    once more on a new connection: nothing was committed, since the failure came before the
+    COMMIT. A failure of the COMMIT itself is never retried (its outcome is unknown)."""
+    for attempt in range(2):
+        committing = False
+        try:
+            async with engine.connect() as conn, conn.begin():
+                result = await work(conn)
+                committing = True  # leaving the block commits
+            return result
+        except DBAPIError as exc:
+            if attempt == 0 and exc.connection_invalidated and not committing:
+                continue
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -129,3 +156,13 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 # scope="function": commit when the endpoint returns, before the response goes out.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    engine: AsyncEngine = request.app.state.engine
+    async with engine.begin() as connection:
+        yield connection
+
+
+# The same unit of work without the ORM, for the routes on the hot path (SQLAlchemy Core).
+ConnectionDep = Annotated[AsyncConnection, Depends(get_connection, scope="function")]

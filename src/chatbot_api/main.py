@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         provider = build_provider(settings)
         await provider.start()
         sessionmaker = create_sessionmaker(engine)
-        turns = TurnManager(sessionmaker=sessionmaker, provider=provider, settings=settings)
+        turns = TurnManager(engine=engine, provider=provider, settings=settings)
         app.state.settings = settings
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker
@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         _flip_readiness_on_sigterm(app)
         reaper = asyncio.create_task(turns.reap_forever(), name="reaper")
+        checkpointer = asyncio.create_task(turns.checkpoint_forever(), name="checkpointer")
         logger.info("serving with provider=%s model=%s", provider.name, provider.model)
         try:
             yield
@@ -132,6 +133,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.cancel()
             await asyncio.gather(reaper, return_exceptions=True)
             await turns.drain(settings.reliability.shutdown_grace_seconds)
+            # Only now: the turns let finish during the grace still had their claims renewed.
+            checkpointer.cancel()
+            await asyncio.gather(checkpointer, return_exceptions=True)
             await generations.drain(5.0)
             await limiter.aclose()
             await provider.aclose()

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from chatbot_api.chat.events import parse_last_event_id, still_needed
 from chatbot_api.chat.outcomes import DELTA, TurnEvent, TurnIds, created_event, terminal_event
-from chatbot_api.chat.schemas import MessageDelta
 from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import SSEEvent, messages, parse_sse, send
@@ -35,7 +34,7 @@ def _log(deltas: list[str]) -> list[TurnEvent]:
     offset = 0
     for delta in deltas:
         offset += len(delta)
-        log.append(TurnEvent(DELTA, MessageDelta(delta=delta), offset))
+        log.append(TurnEvent(DELTA, delta, offset))
     text = "".join(deltas)
     log.append(
         terminal_event(
@@ -61,11 +60,11 @@ class TestResumeProperty:
     ) -> None:
         log = _log(deltas)
         cut = data.draw(st.integers(min_value=0, max_value=len(log) - 1))
-        before = "".join(e.data.delta for e in log[: cut + 1] if isinstance(e.data, MessageDelta))
+        before = "".join(e.data for e in log[: cut + 1] if isinstance(e.data, str))
 
         have = parse_last_event_id(str(log[cut].offset))
         resumed = [r for r in (still_needed(e, have) for e in log) if r is not None]
-        after = "".join(e.data.delta for e in resumed if isinstance(e.data, MessageDelta))
+        after = "".join(e.data for e in resumed if isinstance(e.data, str))
 
         assert before + after == "".join(deltas)
         assert resumed[-1].name == "message.completed"
@@ -76,7 +75,7 @@ class TestResumeProperty:
         text = "".join(deltas)
         for have in range(len(text) + 1):
             resumed = [r for r in (still_needed(e, have) for e in _log(deltas)) if r is not None]
-            after = "".join(e.data.delta for e in resumed if isinstance(e.data, MessageDelta))
+            after = "".join(e.data for e in resumed if isinstance(e.data, str))
             assert text[:have] + after == text
 
     def test_garbled_last_event_id_replays_everything(self) -> None:

@@ -19,6 +19,11 @@ gap and no duplicate. Without `Last-Event-ID` the stream is replayed from the st
 
 While nothing happens, a `: ping` comment is sent every `KEEPALIVE` seconds so proxies keep
 the connection open.
+
+This is on the per-token path: a delta frame is formatted straight into bytes (its JSON by
+pydantic-core), a reader waits on one future per wake-up rather than a timeout per wait, and
+everything that reached the log while the reader was away goes out in one write. Under load
+that coalesces deltas into fewer, larger frames without changing the text.
 """
 
 from __future__ import annotations
@@ -26,19 +31,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
+from pydantic_core import to_json
 
 from chatbot_api.chat.outcomes import CREATED, DELTA, TurnEvent
-from chatbot_api.chat.schemas import MessageDelta
 from chatbot_api.chat.turn import Turn
 
 KEEPALIVE = 15.0
+KEEPALIVE_COMMENT = b": ping\n\n"
 
 
 def encode(event: TurnEvent) -> bytes:
-    return format_sse_event(
-        data_str=event.data.model_dump_json(), event=event.name, id=str(event.offset)
-    )
+    data = event.data
+    payload = to_json({"delta": data}) if isinstance(data, str) else data.model_dump_json().encode()
+    return b"event: %s\ndata: %s\nid: %d\n\n" % (event.name.encode(), payload, event.offset)
 
 
 def parse_last_event_id(value: str | None) -> int | None:
@@ -56,41 +61,57 @@ def still_needed(event: TurnEvent, have: int | None) -> TurnEvent | None:
         return None
     if event.name != DELTA:
         return event
-    assert isinstance(event.data, MessageDelta)
+    assert isinstance(event.data, str)
     if event.offset <= have:
         return None
-    start = event.offset - len(event.data.delta)
+    start = event.offset - len(event.data)
     if start >= have:
         return event
-    return TurnEvent(DELTA, MessageDelta(delta=event.data.delta[have - start :]), event.offset)
+    return TurnEvent(DELTA, event.data[have - start :], event.offset)
 
 
 async def sse_stream(turn: Turn, have: int | None = None) -> AsyncIterator[bytes]:
     """Encode the turn's events until the terminal one, skipping what the client `have`s.
     Closing this iterator (the client went away) leaves a generating turn running."""
+    loop = asyncio.get_running_loop()
     index = 0
+    ping_due = False
+    waiter: asyncio.Future[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def keepalive() -> None:
+        nonlocal ping_due, timer
+        ping_due = True
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        timer = loop.call_later(KEEPALIVE, keepalive)
+
+    # One timer per stream, re-armed every KEEPALIVE seconds, instead of one per wait.
+    timer = loop.call_later(KEEPALIVE, keepalive)
     try:
         while True:
-            try:
-                async with asyncio.timeout(KEEPALIVE):
-                    await turn.wait_beyond(index)
-            except TimeoutError:
-                yield KEEPALIVE_COMMENT
-                continue
             log = turn.log
             end = len(log)
-            # Everything already in the log goes out in one write: under load this coalesces
-            # deltas into fewer, larger writes without changing the text.
-            frames = [
-                encode(needed)
-                for needed in (still_needed(log[i], have) for i in range(index, end))
-                if needed is not None
-            ]
-            if frames:
-                yield b"".join(frames)
-            if turn.done:
-                return
-            index = end
+            if end > index:
+                frames = [
+                    encode(needed)
+                    for needed in (still_needed(log[i], have) for i in range(index, end))
+                    if needed is not None
+                ]
+                if frames:
+                    yield b"".join(frames)
+                if turn.done:
+                    return
+                index = end
+            elif ping_due:
+                ping_due = False
+                yield KEEPALIVE_COMMENT
+            else:
+                waiter = turn.waiter()
+                await waiter
+                waiter = None
     finally:
+        if timer is not None:
+            timer.cancel()
         if turn.begun is None and turn.task is not None and not turn.done:
             turn.task.cancel()  # a follower of another process's turn: nobody reads it now

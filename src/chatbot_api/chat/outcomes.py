@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from chatbot_api.chat.schemas import ChatResponse, MessageCreated, MessageDelta, TurnError
+from chatbot_api.chat.schemas import ChatResponse, MessageCreated, TurnError
 from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.conversations.schemas import Usage as UsageOut
 from chatbot_api.errors import AppError, UpstreamError
@@ -25,10 +25,11 @@ TERMINAL = frozenset({COMPLETED, INCOMPLETE, FAILED})
 @dataclass(frozen=True, slots=True)
 class TurnEvent:
     """One event of a turn. `offset` is how many characters of the reply the client has once
-    it has seen this event: it is the SSE `id:`, so `Last-Event-ID` says where to resume."""
+    it has seen this event: it is the SSE `id:`, so `Last-Event-ID` says where to resume.
+    A delta's data is its text alone: no model is built per token."""
 
     name: str
-    data: MessageCreated | MessageDelta | ChatResponse | TurnError
+    data: MessageCreated | str | ChatResponse | TurnError
     offset: int
 
 

@@ -15,7 +15,8 @@ from fastapi.sse import EventSourceResponse
 from chatbot_api.auth.dependencies import CurrentPrincipal
 from chatbot_api.chat import events
 from chatbot_api.chat.dependencies import MessageIdDep, TurnsDep
-from chatbot_api.chat.schemas import ChatResponse, SendMessage
+from chatbot_api.chat.schemas import ChatResponse, SendMessage, TurnError
+from chatbot_api.chat.service import IdempotentRequest
 from chatbot_api.conversations import service as conversations
 from chatbot_api.conversations.dependencies import ConversationIdDep, ParsedConversationId
 from chatbot_api.conversations.router import message_out
@@ -89,7 +90,6 @@ async def send_message(
     conversation_id: ParsedConversationId,
     body: SendMessage,
     request: Request,
-    response: Response,
     turns: TurnsDep,
     caller: CurrentPrincipal,
     guard: TurnGuardDep,
@@ -109,7 +109,9 @@ async def send_message(
     idempotency = (
         None
         if idempotency_key is None
-        else (str(caller.principal_id), idempotency_key, _request_hash(conversation_id, body))
+        else IdempotentRequest(
+            str(caller.principal_id), idempotency_key, _request_hash(conversation_id, body)
+        )
     )
     turn = await guard.start(
         lambda: turns.start(
@@ -126,9 +128,16 @@ async def send_message(
         return EventSourceResponse(events.sse_stream(turn), headers=STREAM_HEADERS)
     outcome = await turn.outcome()
     if isinstance(outcome.data, ChatResponse):
-        response.headers["X-Upstream-Attempts"] = str(outcome.data.attempts)
-        response.headers["X-Upstream-Fallbacks"] = str(outcome.data.fallbacks)
-        return outcome.data
+        # Serialised once, by pydantic-core: FastAPI would validate the model all over again.
+        return Response(
+            outcome.data.model_dump_json(),
+            media_type="application/json",
+            headers={
+                "X-Upstream-Attempts": str(outcome.data.attempts),
+                "X-Upstream-Fallbacks": str(outcome.data.fallbacks),
+            },
+        )
+    assert isinstance(outcome.data, TurnError)
     error = turn.error or AppError("The reply failed.")
     error.details = [outcome.data.model_dump(mode="json", exclude={"error"})]
     raise error

@@ -44,10 +44,6 @@ class MessageCreated(TurnIds):
     model_used: str
 
 
-class MessageDelta(BaseModel):
-    delta: str
-
-
 class ChatResponse(TurnIds):
     """The non-streaming answer, and the data of the `message.completed` event."""
 

@@ -2,23 +2,26 @@
 
 1. `begin_turn`: claim the conversation and allocate two sequence numbers in one conditional
    UPDATE, read as much recent history as fits the model's window, and insert the user message
-   plus the assistant placeholder (status `streaming`).
+   plus the assistant placeholder (status `streaming`) in one INSERT.
 2. `finish_turn`: store the reply's text, status, usage and finish reason, and release the
    claim, but only if this turn still holds it.
 
-Functions take the session first and never commit; `chat.turns` owns the transactions.
+This is the hot path of the service, so it is SQLAlchemy Core on a connection, not ORM entities
+in a session: every statement below is built once, at import, with named parameters, so a call
+only binds values (SQLAlchemy's compiled cache does the rest). Functions take the connection
+first and never commit; `chat.turns` owns the transactions.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, delete, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, Table, bindparam, delete, insert, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from chatbot_api.conversations import service as conversations
 from chatbot_api.conversations.models import (
@@ -41,6 +44,132 @@ MAX_BATCH = 1024
 CLAIM_ATTEMPTS = 3
 # Tokens the chat template spends around the whole prompt (BOS, assistant header).
 PROMPT_OVERHEAD = 8
+
+conversations_t = cast(Table, Conversation.__table__)
+messages_t = cast(Table, Message.__table__)
+idempotency_t = cast(Table, IdempotencyKey.__table__)
+# A row of `_REPLY`: what a reader needs to rebuild the events of a reply.
+StoredReply = Row[*tuple[Any, ...]]
+_c, _m, _i = conversations_t.c, messages_t.c, idempotency_t.c
+
+# Parameter names start with `p_`: SQLAlchemy reserves column names for VALUES / SET.
+_CLAIM = (
+    update(conversations_t)
+    .where(
+        _c.id == bindparam("p_id"),
+        _c.owner_id == bindparam("p_owner"),
+        or_(_c.busy_until.is_(None), _c.busy_until < bindparam("p_now")),
+    )
+    .values(
+        next_seq=_c.next_seq + 2, busy_until=bindparam("p_until"), updated_at=bindparam("p_now")
+    )
+    .returning(_c.next_seq, _c.system_prompt)
+)
+_BUSY_UNTIL = select(_c.busy_until).where(
+    _c.id == bindparam("p_id"), _c.owner_id == bindparam("p_owner")
+)
+_HISTORY = (
+    select(_m.seq, _m.role, _m.content, _m.token_count)
+    .where(
+        _m.conversation_id == bindparam("p_conversation"),
+        _m.seq < bindparam("p_before"),
+        _m.status.in_(CONTEXT_STATUSES),
+    )
+    .order_by(_m.seq.desc())
+    .limit(bindparam("p_limit"))
+)
+
+
+def _typed(name: str, column: str) -> Any:
+    """A parameter typed as `column`: in a multi-row VALUES only the first row would be."""
+    return bindparam(name, type_=messages_t.c[column].type)
+
+
+# Both rows of a turn in one statement, one round trip.
+_INSERT_PAIR = insert(messages_t).values(
+    [
+        {
+            "id": _typed("p_user_id", "id"),
+            "conversation_id": _typed("p_conversation", "conversation_id"),
+            "seq": _typed("p_user_seq", "seq"),
+            "role": MessageRole.USER.value,
+            "content": _typed("p_text", "content"),
+            "status": MessageStatus.COMPLETED.value,
+            "token_count": _typed("p_tokens", "token_count"),
+            "model_used": None,
+            "created_at": _typed("p_now", "created_at"),
+            "completed_at": _typed("p_now", "completed_at"),
+        },
+        {
+            "id": _typed("p_reply_id", "id"),
+            "conversation_id": _typed("p_conversation", "conversation_id"),
+            "seq": _typed("p_reply_seq", "seq"),
+            "role": MessageRole.ASSISTANT.value,
+            "content": "",
+            "status": MessageStatus.STREAMING.value,
+            "token_count": 0,
+            "model_used": _typed("p_model", "model_used"),
+            "created_at": _typed("p_now", "created_at"),
+            "completed_at": None,
+        },
+    ]
+)
+
+_FINISH = (
+    update(messages_t)
+    .where(_m.id == bindparam("p_id"))
+    .values(
+        content=bindparam("p_content"),
+        status=bindparam("p_status"),
+        token_count=bindparam("p_tokens"),
+        usage=bindparam("p_usage", type_=_m.usage.type),
+        finish_reason=bindparam("p_finish"),
+        error=bindparam("p_error", type_=_m.error.type),
+        model_used=bindparam("p_model"),
+        completed_at=bindparam("p_now"),
+    )
+)
+_RELEASE = (
+    update(conversations_t)
+    .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
+    .values(busy_until=None, updated_at=bindparam("p_now"))
+)
+_STORE_PARTIAL = (
+    update(messages_t)
+    .where(_m.id == bindparam("p_id"), _m.status == MessageStatus.STREAMING)
+    .values(content=bindparam("p_content"))
+)
+_RENEW = (
+    update(conversations_t)
+    .where(tuple_(_c.id, _c.next_seq).in_(bindparam("p_claims", expanding=True)))
+    .values(busy_until=bindparam("p_until"))
+)
+# Cancel requests are rare and replies in progress few: the status index finds them at once.
+_CANCEL_REQUESTED = select(_m.id).where(
+    _m.status == MessageStatus.STREAMING, _m.cancel_requested_at.is_not(None)
+)
+_REPLY = select(
+    _m.id,
+    _m.conversation_id,
+    _m.seq,
+    _m.role,
+    _m.content,
+    _m.status,
+    _m.model_used,
+    _m.finish_reason,
+    _m.usage,
+    _m.error,
+).where(_m.id == bindparam("p_id"))
+_USER_MESSAGE_ID = select(_m.id).where(
+    _m.conversation_id == bindparam("p_conversation"), _m.seq == bindparam("p_seq")
+)
+_IDEMPOTENT = select(
+    _i.id,
+    _i.request_hash,
+    _i.conversation_id,
+    _i.assistant_message_id,
+    _i.expires_at,
+).where(_i.scope == bindparam("p_scope"), _i.key == bindparam("p_key"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +194,7 @@ class BegunTurn:
 
 
 async def begin_turn(
-    session: AsyncSession,
+    conn: AsyncConnection,
     *,
     conversation_id: uuid.UUID,
     owner_id: uuid.UUID,
@@ -80,12 +209,12 @@ async def begin_turn(
     """Claim the conversation and store the user message and the reply placeholder.
 
     Raises `NotFound` for an unknown conversation or one that `owner_id` does not own (the
-    same error for both), `ConversationBusy` while another turn
-    holds it, and `ContextTooLong` if the system prompt and the new message alone leave no
-    room for the reply. Any of these rolls the transaction back, so nothing is stored.
+    same error for both), `ConversationBusy` while another turn holds it, and `ContextTooLong`
+    if the system prompt and the new message alone leave no room for the reply. Any of these
+    rolls the transaction back, so nothing is stored.
     """
     now = now or utcnow()
-    claimed = await _claim(session, conversation_id, owner_id=owner_id, now=now, lease=lease)
+    claimed = await _claim(conn, conversation_id, owner_id=owner_id, now=now, lease=lease)
     claim_seq: int = claimed.next_seq
     user_seq = claim_seq - 2
     system_prompt: str = claimed.system_prompt or default_system_prompt
@@ -100,42 +229,24 @@ async def begin_turn(
             f"{budget.context_window}-token context window."
         )
     history, history_tokens = await _read_history(
-        session, conversation_id, before_seq=user_seq, room=room, per_message=budget.per_message
+        conn, conversation_id, before_seq=user_seq, room=room, per_message=budget.per_message
     )
-
     user_id, assistant_id = new_id(), new_id()
-    await session.execute(
-        insert(Message),
-        [
-            {
-                "id": user_id,
-                "conversation_id": conversation_id,
-                "seq": user_seq,
-                "role": MessageRole.USER,
-                "content": text,
-                "status": MessageStatus.COMPLETED,
-                "token_count": text_tokens,
-                "created_at": now,
-                "completed_at": now,
-            },
-            {
-                "id": assistant_id,
-                "conversation_id": conversation_id,
-                "seq": user_seq + 1,
-                "role": MessageRole.ASSISTANT,
-                "content": "",
-                "status": MessageStatus.STREAMING,
-                "token_count": 0,
-                "model_used": model_used,
-                "created_at": now,
-            },
-        ],
+    await conn.execute(
+        _INSERT_PAIR,
+        {
+            "p_user_id": user_id,
+            "p_reply_id": assistant_id,
+            "p_conversation": conversation_id,
+            "p_user_seq": user_seq,
+            "p_reply_seq": user_seq + 1,
+            "p_text": text,
+            "p_tokens": text_tokens,
+            "p_model": model_used,
+            "p_now": now,
+        },
     )
-    context = [
-        ChatMessage("system", system_prompt),
-        *history,
-        ChatMessage("user", text),
-    ]
+    context = [ChatMessage("system", system_prompt), *history, ChatMessage("user", text)]
     return BegunTurn(
         conversation_id=conversation_id,
         user_message_id=user_id,
@@ -148,38 +259,23 @@ async def begin_turn(
 
 
 async def _claim(
-    session: AsyncSession,
+    conn: AsyncConnection,
     conversation_id: uuid.UUID,
     *,
     owner_id: uuid.UUID,
     now: datetime,
     lease: timedelta,
-) -> Row[int, str | None]:
+) -> Row[Any]:
     """Take the conversation for this turn and allocate two sequence numbers, atomically."""
-    claim = (
-        update(Conversation)
-        .where(
-            Conversation.id == conversation_id,
-            Conversation.owner_id == owner_id,
-            (Conversation.busy_until.is_(None)) | (Conversation.busy_until < now),
-        )
-        .values(next_seq=Conversation.next_seq + 2, busy_until=now + lease, updated_at=now)
-        .returning(Conversation.next_seq, Conversation.system_prompt)
-    )
+    params = {"p_id": conversation_id, "p_owner": owner_id, "p_now": now, "p_until": now + lease}
     for _ in range(CLAIM_ATTEMPTS):
-        claimed = (await session.execute(claim)).first()
+        claimed = (await conn.execute(_CLAIM, params)).first()
         if claimed is not None:
             return claimed
-        found = (
-            await session.execute(
-                select(Conversation.busy_until).where(
-                    Conversation.id == conversation_id, Conversation.owner_id == owner_id
-                )
-            )
-        ).first()
+        found = (await conn.execute(_BUSY_UNTIL, params)).first()
         if found is None:
             raise conversations.conversation_not_found()
-        busy_until = found.busy_until
+        busy_until: datetime | None = found.busy_until
         if busy_until is not None and busy_until >= now:
             raise ConversationBusy(
                 retry_after=min(5.0, max(1.0, (busy_until - now).total_seconds()))
@@ -189,7 +285,7 @@ async def _claim(
 
 
 async def _read_history(
-    session: AsyncSession,
+    conn: AsyncConnection,
     conversation_id: uuid.UUID,
     *,
     before_seq: int,
@@ -207,17 +303,11 @@ async def _read_history(
     seen = 0
     batch = FIRST_BATCH
     cursor = before_seq
+    assistant = MessageRole.ASSISTANT.value
     while True:
         rows = (
-            await session.execute(
-                select(Message.seq, Message.role, Message.content, Message.token_count)
-                .where(
-                    Message.conversation_id == conversation_id,
-                    Message.seq < cursor,
-                    Message.status.in_(CONTEXT_STATUSES),
-                )
-                .order_by(Message.seq.desc())
-                .limit(batch)
+            await conn.execute(
+                _HISTORY, {"p_conversation": conversation_id, "p_before": cursor, "p_limit": batch}
             )
         ).all()
         for seq, role, content, tokens in rows:
@@ -229,7 +319,7 @@ async def _read_history(
             seen += 1
             if content:
                 newest_first.append(
-                    ChatMessage("assistant" if role == MessageRole.ASSISTANT else "user", content)
+                    ChatMessage("assistant" if role == assistant else "user", content)
                 )
                 used += cost
         if len(rows) < batch:
@@ -240,7 +330,7 @@ async def _read_history(
 
 
 async def finish_turn(
-    session: AsyncSession,
+    conn: AsyncConnection,
     *,
     turn: BegunTurn,
     content: str,
@@ -254,80 +344,71 @@ async def finish_turn(
     """Store the reply and release the conversation, unless a later turn took it over after
     our claim expired (then its `next_seq` has moved on and the release is a no-op)."""
     now = utcnow()
-    await session.execute(
-        update(Message)
-        .where(Message.id == turn.assistant_message_id)
-        .values(
-            content=content,
-            status=status,
-            token_count=token_count,
-            usage=None
+    await conn.execute(
+        _FINISH,
+        {
+            "p_id": turn.assistant_message_id,
+            "p_content": content,
+            "p_status": status.value,
+            "p_tokens": token_count,
+            "p_usage": None
             if usage is None
             else {
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens,
                 "total_tokens": usage.total_tokens,
             },
-            finish_reason=finish_reason,
-            error=error,
-            model_used=model_used,
-            completed_at=now,
-        )
+            "p_finish": finish_reason,
+            "p_error": error,
+            "p_model": model_used,
+            "p_now": now,
+        },
     )
-    await session.execute(
-        update(Conversation)
-        .where(Conversation.id == turn.conversation_id, Conversation.next_seq == turn.claim_seq)
-        .values(busy_until=None, updated_at=now)
+    await conn.execute(
+        _RELEASE, {"p_id": turn.conversation_id, "p_claim": turn.claim_seq, "p_now": now}
     )
 
 
-async def checkpoint(
-    session: AsyncSession, *, turn: BegunTurn, content: str | None, lease: timedelta
-) -> bool:
-    """Store the partial reply (if `content` is given) and renew the claim on the
-    conversation. Returns True when someone asked for the reply to be cancelled."""
-    now = utcnow()
-    if content is None:
-        cancel_requested = await session.scalar(
-            select(Message.cancel_requested_at).where(Message.id == turn.assistant_message_id)
+async def store_partials(conn: AsyncConnection, partials: Sequence[tuple[uuid.UUID, str]]) -> None:
+    """Store the text so far of replies still `streaming`: (reply id, text) pairs, one
+    statement for all of them."""
+    if partials:
+        await conn.execute(
+            _STORE_PARTIAL, [{"p_id": reply_id, "p_content": text} for reply_id, text in partials]
         )
-    else:
-        cancel_requested = await session.scalar(
-            update(Message)
-            .where(
-                Message.id == turn.assistant_message_id,
-                Message.status == MessageStatus.STREAMING,
-            )
-            .values(content=content)
-            .returning(Message.cancel_requested_at)
-        )
-    await session.execute(
-        update(Conversation)
-        .where(Conversation.id == turn.conversation_id, Conversation.next_seq == turn.claim_seq)
-        .values(busy_until=now + lease)
-    )
-    return cancel_requested is not None
 
 
-async def request_cancel(session: AsyncSession, *, message: Message) -> None:
-    """Ask the process generating `message` to stop (it polls at each checkpoint)."""
-    await session.execute(
-        update(Message)
-        .where(Message.id == message.id, Message.status == MessageStatus.STREAMING)
+async def renew_claims(
+    conn: AsyncConnection, claims: Collection[tuple[uuid.UUID, int]], *, lease: timedelta
+) -> None:
+    """Extend the claims of turns in progress: (conversation id, claim seq) pairs. A claim
+    that a later turn has taken over (its seq moved on) is left alone."""
+    if claims:
+        await conn.execute(_RENEW, {"p_claims": list(claims), "p_until": utcnow() + lease})
+
+
+async def cancel_requested(conn: AsyncConnection) -> set[uuid.UUID]:
+    """Replies still generating that someone asked to cancel (in any process)."""
+    return set((await conn.execute(_CANCEL_REQUESTED)).scalars())
+
+
+async def request_cancel(conn: AsyncConnection, *, reply_id: uuid.UUID) -> None:
+    """Ask the process generating the reply to stop (it polls at each checkpoint)."""
+    await conn.execute(
+        update(messages_t)
+        .where(_m.id == reply_id, _m.status == MessageStatus.STREAMING)
         .values(cancel_requested_at=utcnow())
     )
 
 
-async def reap_orphans(session: AsyncSession, *, now: datetime | None = None) -> int:
+async def reap_orphans(conn: AsyncConnection, *, now: datetime | None = None) -> int:
     """Mark `streaming` replies whose turn can no longer finish as `incomplete`: their
     conversation's claim has lapsed (the process died), so nobody will ever store them."""
     now = now or utcnow()
-    lapsed = select(Conversation.id).where(
-        (Conversation.busy_until.is_(None)) | (Conversation.busy_until < now)
-    )
-    result = await session.execute(
-        update(Message)
-        .where(Message.status == MessageStatus.STREAMING, Message.conversation_id.in_(lapsed))
+    lapsed = select(_c.id).where(or_(_c.busy_until.is_(None), _c.busy_until < now))
+    result = await conn.execute(
+        update(messages_t)
+        .where(_m.status == MessageStatus.STREAMING, _m.conversation_id.in_(lapsed))
         .values(
             status=MessageStatus.INCOMPLETE,
             completed_at=now,
@@ -338,63 +419,70 @@ async def reap_orphans(session: AsyncSession, *, now: datetime | None = None) ->
                 "status": 503,
             },
         )
-        .execution_options(synchronize_session=False)
     )
-    await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
-    return int(getattr(result, "rowcount", 0) or 0)
+    await conn.execute(delete(idempotency_t).where(_i.expires_at < now))
+    return int(result.rowcount or 0)
+
+
+async def load_stored_reply(conn: AsyncConnection, reply_id: uuid.UUID) -> StoredReply | None:
+    """The stored state of a reply: content, status, model_used, finish_reason, usage, error."""
+    return (await conn.execute(_REPLY, {"p_id": reply_id})).first()
 
 
 async def load_reply(
-    session: AsyncSession, conversation_id: uuid.UUID, message_id: uuid.UUID
-) -> tuple[Message, uuid.UUID]:
+    conn: AsyncConnection, conversation_id: uuid.UUID, message_id: uuid.UUID
+) -> tuple[StoredReply, uuid.UUID]:
     """An assistant message of the conversation and the id of the user message it answers."""
-    message = await conversations.get_message(session, conversation_id, message_id)
-    if message.role != MessageRole.ASSISTANT:
+    message = await load_stored_reply(conn, message_id)
+    if (
+        message is None
+        or message.conversation_id != conversation_id
+        or message.role != MessageRole.ASSISTANT
+    ):
         raise NotFound("Message not found.")
-    user_id = await session.scalar(
-        select(Message.id).where(
-            Message.conversation_id == conversation_id, Message.seq == message.seq - 1
-        )
+    user_id = await conn.scalar(
+        _USER_MESSAGE_ID, {"p_conversation": conversation_id, "p_seq": message.seq - 1}
     )
     return message, user_id or message.id
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotentRequest:
+    scope: str
+    key: str
+    request_hash: str
+
+
 async def find_idempotent(
-    session: AsyncSession, *, scope: str, key: str, request_hash: str
-) -> IdempotencyKey | None:
-    """The live record of an earlier request with this key; `IdempotencyConflict` if that
-    request had a different body."""
-    record = await session.scalar(
-        select(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
-    )
+    conn: AsyncConnection, request: IdempotentRequest
+) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """The (conversation id, reply id) of a live earlier request with this key;
+    `IdempotencyConflict` if that request had a different body."""
+    record = (
+        await conn.execute(_IDEMPOTENT, {"p_scope": request.scope, "p_key": request.key})
+    ).first()
     if record is None:
         return None
     if record.expires_at < utcnow():
-        await session.delete(record)
-        await session.flush()
+        await conn.execute(delete(idempotency_t).where(_i.id == record.id))
         return None
-    if record.request_hash != request_hash:
+    if record.request_hash != request.request_hash:
         raise IdempotencyConflict(
             "This Idempotency-Key was already used with a different request body."
         )
-    return record
+    return record.conversation_id, record.assistant_message_id
 
 
 async def remember_idempotent(
-    session: AsyncSession,
-    *,
-    scope: str,
-    key: str,
-    request_hash: str,
-    turn: BegunTurn,
-    ttl: timedelta,
+    conn: AsyncConnection, request: IdempotentRequest, *, turn: BegunTurn, ttl: timedelta
 ) -> None:
     now = utcnow()
-    session.add(
-        IdempotencyKey(
-            scope=scope,
-            key=key,
-            request_hash=request_hash,
+    await conn.execute(
+        insert(idempotency_t).values(
+            id=new_id(),
+            scope=request.scope,
+            key=request.key,
+            request_hash=request.request_hash,
             conversation_id=turn.conversation_id,
             user_message_id=turn.user_message_id,
             assistant_message_id=turn.assistant_message_id,
@@ -402,4 +490,3 @@ async def remember_idempotent(
             expires_at=now + ttl,
         )
     )
-    await session.flush()

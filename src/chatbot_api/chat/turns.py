@@ -6,10 +6,13 @@ A turn's lifetime, in order:
    caller's task, so 404 / 409 / 422 reach the client as plain HTTP errors and nothing is
    stored when they happen.
 2. A background task calls the provider with no database connection checked out, appending
-   each event to the turn's in-memory log as it arrives. A second task checkpoints the
-   partial reply every `stream_checkpoint_interval` seconds (one short transaction), which
-   renews the claim on the conversation and picks up cancel requests made in other processes.
-3. When the provider stops, the task stores the reply in a final short transaction
+   each event to the turn's in-memory log as it arrives.
+3. One checkpointer per process (`checkpoint_forever`), not one per turn, stores the partial
+   replies of every turn in flight every `stream_checkpoint_interval` seconds, picks up
+   cancel requests made in other processes, and renews the claims on their conversations
+   every third of the lease: one short transaction per tick whatever the number of turns, so
+   the pool never caps how many chats are in flight.
+4. When the provider stops, the task stores the reply in a final short transaction
    (`service.finish_turn`, retried while the database is briefly away), and only then appends
    the terminal event. A client that disconnects after the last token therefore loses
    nothing, and one that disconnects earlier does not stop the generation.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -30,7 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chatbot_api.chat import service
 from chatbot_api.chat.outcomes import (
@@ -43,6 +47,7 @@ from chatbot_api.chat.outcomes import (
 from chatbot_api.chat.turn import Turn, follow
 from chatbot_api.config import Settings
 from chatbot_api.conversations.models import MessageStatus
+from chatbot_api.db import run_transaction
 from chatbot_api.errors import (
     AppError,
     GenerationCancelled,
@@ -74,11 +79,11 @@ class TurnManager:
     def __init__(
         self,
         *,
-        sessionmaker: async_sessionmaker[AsyncSession],
+        engine: AsyncEngine,
         provider: Provider,
         settings: Settings,
     ) -> None:
-        self._sessionmaker = sessionmaker
+        self._engine = engine
         self._provider = provider
         self._settings = settings
         self._turns: dict[uuid.UUID, Turn] = {}
@@ -103,13 +108,13 @@ class TurnManager:
         owner_id: uuid.UUID,
         model: str | None = None,
         max_tokens: int | None = None,
-        idempotency: tuple[str, str, str] | None = None,
+        idempotency: service.IdempotentRequest | None = None,
         attach_if_running: bool = True,
     ) -> Turn:
-        """Begin a turn. `idempotency` is (scope, key, request hash): a retry of a request
-        already seen is answered from the first one instead of calling the provider again.
-        `owner_id` must own the conversation (404 otherwise); `model` and `max_tokens` were
-        already checked against the allowlist and the cap (`limits.service`)."""
+        """Begin a turn. A retry of a request already seen with the same `idempotency` key is
+        answered from the first one instead of calling the provider again. `owner_id` must
+        own the conversation (404 otherwise); `model` and `max_tokens` were already checked
+        against the allowlist and the cap (`limits.service`)."""
         limit = self._settings.limits.max_message_chars
         if len(text) > limit:
             raise MessageTooLong(f"The message is over the limit of {limit} characters.")
@@ -123,51 +128,45 @@ class TurnManager:
             count=provider.count_tokens,
         )
         text_tokens = provider.count_tokens(text)
+        model_used = model or provider.model
+
+        async def begin(conn: AsyncConnection) -> service.BegunTurn | tuple[uuid.UUID, uuid.UUID]:
+            if idempotency is not None:
+                earlier = await service.find_idempotent(conn, idempotency)
+                if earlier is not None:
+                    return earlier
+            begun = await service.begin_turn(
+                conn,
+                conversation_id=conversation_id,
+                owner_id=owner_id,
+                text=text,
+                text_tokens=text_tokens,
+                budget=budget,
+                default_system_prompt=self._settings.default_system_prompt,
+                model_used=model_used,
+                lease=self._lease,
+            )
+            if idempotency is not None:
+                ttl = timedelta(seconds=self._settings.reliability.idempotency_ttl_seconds)
+                await service.remember_idempotent(conn, idempotency, turn=begun, ttl=ttl)
+            return begun
+
         for attempt in range(2):
             try:
-                async with self._sessionmaker.begin() as session:
-                    if idempotency is not None:
-                        scope, key, request_hash = idempotency
-                        record = await service.find_idempotent(
-                            session, scope=scope, key=key, request_hash=request_hash
-                        )
-                        if record is not None:
-                            replay = await self.attach(
-                                record.conversation_id, record.assistant_message_id
-                            )
-                            if not replay.done and not attach_if_running:
-                                raise IdempotencyInFlight()
-                            return replay
-                    begun = await service.begin_turn(
-                        session,
-                        conversation_id=conversation_id,
-                        owner_id=owner_id,
-                        text=text,
-                        text_tokens=text_tokens,
-                        budget=budget,
-                        default_system_prompt=self._settings.default_system_prompt,
-                        model_used=model or provider.model,
-                        lease=self._lease,
-                    )
-                    if idempotency is not None:
-                        await service.remember_idempotent(
-                            session,
-                            scope=scope,
-                            key=key,
-                            request_hash=request_hash,
-                            turn=begun,
-                            ttl=timedelta(
-                                seconds=self._settings.reliability.idempotency_ttl_seconds
-                            ),
-                        )
+                begun = await run_transaction(self._engine, begin)
                 break
             except IntegrityError:
                 # The same key was stored by a concurrent request after our lookup: this
                 # transaction is rolled back, and the next pass replays that request.
                 if idempotency is None or attempt == 1:
                     raise
+        if not isinstance(begun, service.BegunTurn):
+            replay = await self.attach(*begun)
+            if not replay.done and not attach_if_running:
+                raise IdempotencyInFlight()
+            return replay
         ids = TurnIds(begun.conversation_id, begun.user_message_id, begun.assistant_message_id)
-        turn = Turn(ids=ids, model_used=model or provider.model, begun=begun)
+        turn = Turn(ids=ids, model_used=model_used, begun=begun)
         turn.publish(created_event(ids, turn.model_used))
         self._turns[ids.assistant_message_id] = turn
         turn.task = self._spawn(self._run(turn, budget.reply_tokens, model), f"turn-{ids}")
@@ -179,15 +178,15 @@ class TurnManager:
         live = self._turns.get(message_id)
         if live is not None and live.ids.conversation_id == conversation_id:
             return live
-        async with self._sessionmaker() as session:
-            message, user_id = await service.load_reply(session, conversation_id, message_id)
+        async with self._engine.connect() as conn:
+            message, user_id = await service.load_reply(conn, conversation_id, message_id)
         turn = Turn(
             ids=TurnIds(conversation_id, user_id, message.id), model_used=message.model_used or ""
         )
         turn.publish(created_event(turn.ids, turn.model_used))
         if message.status == MessageStatus.STREAMING:
             turn.task = self._spawn(
-                follow(turn, self._sessionmaker, deadline=self._settings.llm.total_timeout + 60),
+                follow(turn, self._engine, deadline=self._settings.llm.total_timeout + 60),
                 f"follow-{message_id}",
             )
         else:
@@ -204,11 +203,11 @@ class TurnManager:
                 async with asyncio.timeout(5):
                     await live.outcome()
             return
-        async with self._sessionmaker.begin() as session:
-            message, _ = await service.load_reply(session, conversation_id, message_id)
+        async with self._engine.begin() as conn:
+            message, _ = await service.load_reply(conn, conversation_id, message_id)
             if message.status != MessageStatus.STREAMING:
                 return
-            await service.request_cancel(session, message=message)
+            await service.request_cancel(conn, reply_id=message.id)
         # Another process owns the turn; it sees the request at its next checkpoint.
         follower = await self.attach(conversation_id, message_id)
         with contextlib.suppress(TimeoutError):
@@ -225,7 +224,6 @@ class TurnManager:
     async def _run(self, turn: Turn, reply_tokens: int, model: str | None = None) -> None:
         assert turn.begun is not None
         provider = self._provider
-        parts: list[str] = []
         usage: Usage | None = None
         finish: str | None = None
         error: ProviderError | None = None
@@ -233,11 +231,9 @@ class TurnManager:
         options = GenerationOptions(
             max_tokens=reply_tokens, temperature=self._settings.llm.temperature, model=model
         )
-        checkpoints = self._spawn(self._checkpoints(turn, parts), f"checkpoint-{turn.ids}")
         try:
             async for event in provider.stream(turn.begun.context, options):
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
+                if type(event) is TextDelta:
                     turn.publish_delta(event.text)
                 elif isinstance(event, Usage):
                     usage = event
@@ -251,11 +247,8 @@ class TurnManager:
         except asyncio.CancelledError:
             if not turn.cancel_requested:
                 # Shutdown cut this turn short: keep what was generated, then stop.
-                checkpoints.cancel()
                 error = ProviderUnavailable("the server shut down before the reply was finished")
-                await asyncio.shield(
-                    self._finish(turn, parts, usage, None, error, interrupted=True)
-                )
+                await asyncio.shield(self._finish(turn, usage, None, error, interrupted=True))
                 raise
             # Our own cancel: the provider stream is closed; store what we have.
             current = asyncio.current_task()
@@ -265,37 +258,60 @@ class TurnManager:
         except Exception as exc:  # a bug in a provider: never leave the row `streaming`
             logger.exception("provider %s raised an unexpected error", provider.name)
             error = ProviderError(f"provider failed: {type(exc).__name__}")
-        finally:
-            checkpoints.cancel()
         if usage is not None:
             provider.observe_usage(turn.begun.prompt_tokens, usage)
-        await self._finish(turn, parts, usage, finish, error, status)
+        await self._finish(turn, usage, finish, error, status)
 
-    async def _checkpoints(self, turn: Turn, parts: list[str]) -> None:
-        """Store the partial reply now and then, renew the claim, and notice cancel requests."""
-        assert turn.begun is not None
-        interval = self._settings.reliability.stream_checkpoint_interval
-        stored = 0
+    async def checkpoint_forever(self) -> None:
+        """Every `stream_checkpoint_interval`, in one transaction for all the turns in flight
+        here: store the partial replies that grew, notice cancel requests, and, every third of
+        the lease, renew the claims. Runs from the app's lifespan until it is cancelled."""
+        loop = asyncio.get_running_loop()
+        lease = self._lease.total_seconds()
+        interval = min(self._settings.reliability.stream_checkpoint_interval, lease / 3)
+        renew_at = loop.time() + lease / 3
         while True:
             await asyncio.sleep(interval)
-            text = "".join(parts) if len(parts) != stored else None
-            try:
-                async with self._sessionmaker.begin() as session:
-                    cancelled = await service.checkpoint(
-                        session, turn=turn.begun, content=text, lease=self._lease
-                    )
-            except Exception as exc:
-                logger.warning("checkpoint of %s failed: %s", turn.ids, type(exc).__name__)
+            live = [t for t in self._turns.values() if t.begun is not None and not t.finishing]
+            if not live:
+                renew_at = loop.time() + lease / 3
                 continue
-            stored = len(parts)
-            if cancelled:
-                self._cancel_local(turn)
-                return
+            partials = [(t, t.text_length) for t in live if t.text_length != t.stored_length]
+            claims = None
+            if loop.time() >= renew_at:
+                claims = [(b.conversation_id, b.claim_seq) for t in live if (b := t.begun)]
+
+            try:
+                cancelled = await run_transaction(
+                    self._engine, functools.partial(self._checkpoint, partials, claims)
+                )
+            except Exception as exc:
+                logger.warning("checkpoint of %d turns failed: %s", len(live), type(exc).__name__)
+                continue
+            if claims is not None:
+                renew_at = loop.time() + lease / 3
+            for turn, length in partials:
+                turn.stored_length = length
+            for reply_id in cancelled:
+                if (asked := self._turns.get(reply_id)) is not None:
+                    self._cancel_local(asked)
+
+    async def _checkpoint(
+        self,
+        partials: list[tuple[Turn, int]],
+        claims: list[tuple[uuid.UUID, int]] | None,
+        conn: AsyncConnection,
+    ) -> set[uuid.UUID]:
+        await service.store_partials(
+            conn, [(t.ids.assistant_message_id, t.text()) for t, _ in partials]
+        )
+        if claims:
+            await service.renew_claims(conn, claims, lease=self._lease)
+        return await service.cancel_requested(conn)
 
     async def _finish(
         self,
         turn: Turn,
-        parts: list[str],
         usage: Usage | None,
         finish: str | None,
         error: ProviderError | None,
@@ -305,7 +321,7 @@ class TurnManager:
     ) -> None:
         assert turn.begun is not None
         turn.finishing = True
-        text = "".join(parts)
+        text = turn.text()
         if status is None:
             if error is None and finish is not None:
                 status = MessageStatus.COMPLETED
@@ -346,6 +362,7 @@ class TurnManager:
                 ReplyNotStored("The reply could not be stored; the database is unavailable."),
             )
         turn.error = app_error
+        turn.usage = usage
         self._turns.pop(turn.ids.assistant_message_id, None)
         turn.publish(
             terminal_event(
@@ -374,9 +391,9 @@ class TurnManager:
         assert turn.begun is not None
         for attempt in range(PERSIST_ATTEMPTS):
             try:
-                async with self._sessionmaker.begin() as session:
+                async with self._engine.begin() as conn:
                     await service.finish_turn(
-                        session,
+                        conn,
                         turn=turn.begun,
                         content=text,
                         status=status,
@@ -398,8 +415,8 @@ class TurnManager:
         """Mark orphaned `streaming` rows `incomplete`, at start and then periodically."""
         while True:
             try:
-                async with self._sessionmaker.begin() as session:
-                    reaped = await service.reap_orphans(session)
+                async with self._engine.begin() as conn:
+                    reaped = await service.reap_orphans(conn)
                 if reaped:
                     logger.warning("marked %d interrupted replies incomplete", reaped)
             except Exception as exc:

@@ -6,8 +6,6 @@
     acquire / release(key, token)  at most `limit` leases held at once; a lease expires by
                                    itself, so a process that dies cannot leak a slot
     add / total(key)               a counter that expires (tokens spent per UTC day)
-    claim(key, ttl)                true for the first caller only, until `ttl` passes (so
-                                   a reply's usage is counted once, however often it is read)
 
 Implementations: `MemoryLimiter` (one process) and `RedisLimiter` (several processes share
 one Redis; every decision is one atomic Lua script, timed by the Redis clock).
@@ -46,7 +44,5 @@ class Limiter(Protocol):
     async def add(self, key: str, amount: int, *, ttl: float) -> int: ...
 
     async def total(self, key: str) -> int: ...
-
-    async def claim(self, key: str, *, ttl: float) -> bool: ...
 
     async def aclose(self) -> None: ...

@@ -55,11 +55,15 @@ class MemoryLimiter:
 
     async def acquire(self, key: str, token: str, *, limit: int, lease: float) -> Decision:
         now = self._tick()
-        leases = {t: exp for t, exp in self._leases.get(key, {}).items() if exp > now}
+        leases = self._leases.setdefault(key, {})
+        if len(leases) >= limit:
+            # Expired leases are looked for only when they could make room: with many turns
+            # in flight, a scan on every acquire would cost more than the turn's own work.
+            for expired in [t for t, exp in leases.items() if exp <= now]:
+                del leases[expired]
         allowed = len(leases) < limit
         if allowed:
             leases[token] = now + lease
-        self._leases[key] = leases
         remaining = max(0, limit - len(leases))
         retry_after = 0.0 if remaining else max(0.0, min(leases.values()) - now)
         return Decision(allowed, limit, remaining, retry_after, retry_after)
@@ -79,14 +83,6 @@ class MemoryLimiter:
         now = self._tick()
         value, expires = self._counters.get(key, (0, now))
         return value if expires > now else 0
-
-    async def claim(self, key: str, *, ttl: float) -> bool:
-        now = self._tick()
-        _, expires = self._counters.get(key, (0, now))
-        if expires > now:
-            return False
-        self._counters[key] = (1, now + ttl)
-        return True
 
     async def aclose(self) -> None:
         self._logs.clear()

@@ -150,10 +150,6 @@ class RedisLimiter:
         value = await self._run(self._redis.get(self._prefix + key))
         return int(value) if value is not None else 0
 
-    async def claim(self, key: str, *, ttl: float) -> bool:
-        ttl_ms = max(1, math.ceil(ttl * 1000))
-        return bool(await self._run(self._redis.set(self._prefix + key, 1, px=ttl_ms, nx=True)))
-
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())

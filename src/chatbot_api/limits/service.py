@@ -31,9 +31,6 @@ from chatbot_api.limits.base import Decision, Limiter
 logger = logging.getLogger(__name__)
 
 MINUTE = 60.0
-DAY = 86_400.0
-# A usage marker outlives the day it was counted in, so a replay the next day is not recounted.
-USAGE_MARKER_TTL = 2 * DAY
 
 Kind = Literal["requests", "tokens"]
 
@@ -123,9 +120,13 @@ def resolve_generation(
 
 
 class Outcome(Protocol):
-    """What a started turn offers the guard: the terminal event, once the reply is stored."""
+    """What a started turn offers the guard: the terminal event, once the reply is stored,
+    and the usage to count, which only the turn that generated the reply hands out, once (a
+    replay or a second reader of the same turn gets None)."""
 
     async def outcome(self) -> Any: ...
+
+    def take_usage(self) -> Any: ...
 
 
 T = TypeVar("T", bound=Outcome)
@@ -188,18 +189,12 @@ class Generations:
 
     async def _settle(self, turn: Outcome, subject: str, token: str) -> None:
         try:
-            event = await turn.outcome()
-            data = getattr(event, "data", None)
-            usage = getattr(data, "usage", None)
-            message_id = getattr(data, "assistant_message_id", None)
-            if usage is not None and message_id is not None:
-                # Counted once per reply: an idempotent replay reads the same outcome again.
-                if await self._limiter.claim(f"usage:{message_id}", ttl=USAGE_MARKER_TTL):
-                    day, until_midnight = _today(datetime.now(UTC))
-                    spent = int(usage.prompt_tokens) + int(usage.completion_tokens)
-                    await self._limiter.add(
-                        f"tokens:{subject}:{day}", spent, ttl=until_midnight + 3600
-                    )
+            await turn.outcome()
+            usage = turn.take_usage()
+            if usage is not None:
+                day, until_midnight = _today(datetime.now(UTC))
+                spent = int(usage.prompt_tokens) + int(usage.completion_tokens)
+                await self._limiter.add(f"tokens:{subject}:{day}", spent, ttl=until_midnight + 3600)
         except Exception as exc:  # a limiter outage must not take the turn down with it
             logger.warning("could not settle the limits of a turn: %s", type(exc).__name__)
         finally:

@@ -10,15 +10,15 @@ never sees a 2xx for a write that did not commit.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -80,10 +80,12 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     """The engine for `settings.url`, with bounded pool and connect timeouts.
 
     No `pool_pre_ping`: it costs a round trip on every checkout, as much CPU as a statement.
-    A connection that died with a database restart fails its first statement instead; then
-    SQLAlchemy invalidates the whole pool (every older connection reconnects), and
-    `run_transaction` retries the work once on a fresh connection, so the hot paths see no
-    error. On SQLite, WAL lets readers run beside the single writer, and `busy_timeout` makes a
+    A PostgreSQL restart closes every connection's socket, which asyncpg notices while idle,
+    so the checkout hook below drops a closed connection for free and the pool hands out
+    another (SQLAlchemy's documented "pessimistic" disconnect handling, without the ping). A
+    break noticed only mid-transaction is retried by `sql.run_transaction`.
+
+    On SQLite, WAL lets readers run beside the single writer, and `busy_timeout` makes a
     writer wait for the lock instead of failing at once.
     """
     if settings.is_sqlite:
@@ -103,7 +105,7 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         settings.url,
         echo=settings.echo,
         pool_size=settings.pool_size,
@@ -113,29 +115,13 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         connect_args={"timeout": settings.connect_timeout, "command_timeout": 30},
     )
 
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _drop_closed(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        driver = record.driver_connection
+        if getattr(driver, "is_closed", None) is not None and driver.is_closed():
+            raise DisconnectionError("the connection was closed by the server")
 
-T = TypeVar("T")
-
-
-async def run_transaction(
-    engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]
-) -> T:
-    """`work(conn)` in one transaction, committed if it returns. If the pooled connection
-    turns out to be dead (the database restarted since it was last used), the work is run
-    once more on a new connection: nothing was committed, since the failure came before the
-    COMMIT. A failure of the COMMIT itself is never retried (its outcome is unknown)."""
-    for attempt in range(2):
-        committing = False
-        try:
-            async with engine.connect() as conn, conn.begin():
-                result = await work(conn)
-                committing = True  # leaving the block commits
-            return result
-        except DBAPIError as exc:
-            if attempt == 0 and exc.connection_invalidated and not committing:
-                continue
-            raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    return engine
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

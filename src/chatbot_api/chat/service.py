@@ -2,14 +2,14 @@
 
 1. `begin_turn`: claim the conversation and allocate two sequence numbers in one conditional
    UPDATE, read as much recent history as fits the model's window, and insert the user message
-   plus the assistant placeholder (status `streaming`) in one INSERT.
+   plus the assistant placeholder (status `streaming`) in one round trip.
 2. `finish_turn`: store the reply's text, status, usage and finish reason, and release the
    claim, but only if this turn still holds it.
 
-This is the hot path of the service, so it is SQLAlchemy Core on a connection, not ORM entities
-in a session: every statement below is built once, at import, with named parameters, so a call
-only binds values (SQLAlchemy's compiled cache does the rest). Functions take the connection
-first and never commit; `chat.turns` owns the transactions.
+This is the hot path of the service, so it is SQLAlchemy Core, not ORM entities in a session:
+every statement below is built once, at import, with named parameters, and run as a
+`sql.Prepared` (straight on asyncpg on PostgreSQL, see `chatbot_api.sql`). Functions take the
+transaction first and never commit; `chat.turns` owns the transactions.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, bindparam, delete, insert, or_, select, tuple_, update
+from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from chatbot_api.conversations import service as conversations
@@ -34,6 +34,7 @@ from chatbot_api.conversations.models import (
 from chatbot_api.db import new_id, utcnow
 from chatbot_api.errors import ContextTooLong, ConversationBusy, IdempotencyConflict, NotFound
 from chatbot_api.llm.base import ChatMessage, Usage
+from chatbot_api.sql import Prepared, Tx
 
 # Statuses whose text the model saw or the user read: they belong in later context.
 CONTEXT_STATUSES = (MessageStatus.COMPLETED, MessageStatus.INCOMPLETE, MessageStatus.CANCELLED)
@@ -48,12 +49,10 @@ PROMPT_OVERHEAD = 8
 conversations_t = cast(Table, Conversation.__table__)
 messages_t = cast(Table, Message.__table__)
 idempotency_t = cast(Table, IdempotencyKey.__table__)
-# A row of `_REPLY`: what a reader needs to rebuild the events of a reply.
-StoredReply = Row[*tuple[Any, ...]]
 _c, _m, _i = conversations_t.c, messages_t.c, idempotency_t.c
 
 # Parameter names start with `p_`: SQLAlchemy reserves column names for VALUES / SET.
-_CLAIM = (
+_CLAIM = Prepared(
     update(conversations_t)
     .where(
         _c.id == bindparam("p_id"),
@@ -65,57 +64,39 @@ _CLAIM = (
     )
     .returning(_c.next_seq, _c.system_prompt)
 )
-_BUSY_UNTIL = select(_c.busy_until).where(
-    _c.id == bindparam("p_id"), _c.owner_id == bindparam("p_owner")
+_BUSY_UNTIL = Prepared(
+    select(_c.busy_until).where(_c.id == bindparam("p_id"), _c.owner_id == bindparam("p_owner"))
 )
-_HISTORY = (
+_HISTORY = Prepared(
     select(_m.seq, _m.role, _m.content, _m.token_count)
     .where(
         _m.conversation_id == bindparam("p_conversation"),
         _m.seq < bindparam("p_before"),
-        _m.status.in_(CONTEXT_STATUSES),
+        # Not `in_()`: its list is expanded at execution, so the SQL would not be fixed.
+        or_(*(_m.status == status for status in CONTEXT_STATUSES)),
     )
     .order_by(_m.seq.desc())
     .limit(bindparam("p_limit"))
 )
 
 
-def _typed(name: str, column: str) -> Any:
-    """A parameter typed as `column`: in a multi-row VALUES only the first row would be."""
-    return bindparam(name, type_=messages_t.c[column].type)
-
-
-# Both rows of a turn in one statement, one round trip.
-_INSERT_PAIR = insert(messages_t).values(
-    [
-        {
-            "id": _typed("p_user_id", "id"),
-            "conversation_id": _typed("p_conversation", "conversation_id"),
-            "seq": _typed("p_user_seq", "seq"),
-            "role": MessageRole.USER.value,
-            "content": _typed("p_text", "content"),
-            "status": MessageStatus.COMPLETED.value,
-            "token_count": _typed("p_tokens", "token_count"),
-            "model_used": None,
-            "created_at": _typed("p_now", "created_at"),
-            "completed_at": _typed("p_now", "completed_at"),
-        },
-        {
-            "id": _typed("p_reply_id", "id"),
-            "conversation_id": _typed("p_conversation", "conversation_id"),
-            "seq": _typed("p_reply_seq", "seq"),
-            "role": MessageRole.ASSISTANT.value,
-            "content": "",
-            "status": MessageStatus.STREAMING.value,
-            "token_count": 0,
-            "model_used": _typed("p_model", "model_used"),
-            "created_at": _typed("p_now", "created_at"),
-            "completed_at": None,
-        },
-    ]
+# Both rows of a turn go in one executemany: one round trip (asyncpg pipelines it, and
+# SQLAlchemy's insertmanyvalues makes it one statement elsewhere).
+_INSERT_MESSAGE = Prepared(
+    insert(messages_t).values(
+        id=bindparam("p_id"),
+        conversation_id=bindparam("p_conversation"),
+        seq=bindparam("p_seq"),
+        role=bindparam("p_role"),
+        content=bindparam("p_content"),
+        status=bindparam("p_status"),
+        token_count=bindparam("p_tokens"),
+        model_used=bindparam("p_model"),
+        created_at=bindparam("p_now"),
+        completed_at=bindparam("p_completed"),
+    )
 )
-
-_FINISH = (
+_FINISH = Prepared(
     update(messages_t)
     .where(_m.id == bindparam("p_id"))
     .values(
@@ -129,47 +110,84 @@ _FINISH = (
         completed_at=bindparam("p_now"),
     )
 )
-_RELEASE = (
+_RELEASE = Prepared(
     update(conversations_t)
     .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
     .values(busy_until=None, updated_at=bindparam("p_now"))
 )
-_STORE_PARTIAL = (
+_STORE_PARTIAL = Prepared(
     update(messages_t)
     .where(_m.id == bindparam("p_id"), _m.status == MessageStatus.STREAMING)
     .values(content=bindparam("p_content"))
 )
-_RENEW = (
+_RENEW = Prepared(
     update(conversations_t)
-    .where(tuple_(_c.id, _c.next_seq).in_(bindparam("p_claims", expanding=True)))
+    .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
     .values(busy_until=bindparam("p_until"))
 )
 # Cancel requests are rare and replies in progress few: the status index finds them at once.
-_CANCEL_REQUESTED = select(_m.id).where(
-    _m.status == MessageStatus.STREAMING, _m.cancel_requested_at.is_not(None)
+_CANCEL_REQUESTED = Prepared(
+    select(_m.id).where(_m.status == MessageStatus.STREAMING, _m.cancel_requested_at.is_not(None))
 )
-_REPLY = select(
-    _m.id,
-    _m.conversation_id,
-    _m.seq,
-    _m.role,
-    _m.content,
-    _m.status,
-    _m.model_used,
-    _m.finish_reason,
-    _m.usage,
-    _m.error,
-).where(_m.id == bindparam("p_id"))
-_USER_MESSAGE_ID = select(_m.id).where(
-    _m.conversation_id == bindparam("p_conversation"), _m.seq == bindparam("p_seq")
+_REQUEST_CANCEL = Prepared(
+    update(messages_t)
+    .where(_m.id == bindparam("p_id"), _m.status == MessageStatus.STREAMING)
+    .values(cancel_requested_at=bindparam("p_now"))
 )
-_IDEMPOTENT = select(
-    _i.id,
-    _i.request_hash,
-    _i.conversation_id,
-    _i.assistant_message_id,
-    _i.expires_at,
-).where(_i.scope == bindparam("p_scope"), _i.key == bindparam("p_key"))
+_REPLY = Prepared(
+    select(
+        _m.id,
+        _m.conversation_id,
+        _m.seq,
+        _m.role,
+        _m.content,
+        _m.status,
+        _m.model_used,
+        _m.finish_reason,
+        _m.usage,
+        _m.error,
+    ).where(_m.id == bindparam("p_id"))
+)
+_USER_MESSAGE_ID = Prepared(
+    select(_m.id).where(
+        _m.conversation_id == bindparam("p_conversation"), _m.seq == bindparam("p_seq")
+    )
+)
+_IDEMPOTENT = Prepared(
+    select(
+        _i.id, _i.request_hash, _i.conversation_id, _i.assistant_message_id, _i.expires_at
+    ).where(_i.scope == bindparam("p_scope"), _i.key == bindparam("p_key"))
+)
+_FORGET_IDEMPOTENT = Prepared(delete(idempotency_t).where(_i.id == bindparam("p_id")))
+_REMEMBER_IDEMPOTENT = Prepared(
+    insert(idempotency_t).values(
+        id=bindparam("p_id"),
+        scope=bindparam("p_scope"),
+        key=bindparam("p_key"),
+        request_hash=bindparam("p_hash"),
+        conversation_id=bindparam("p_conversation"),
+        user_message_id=bindparam("p_user_message"),
+        assistant_message_id=bindparam("p_reply"),
+        created_at=bindparam("p_now"),
+        expires_at=bindparam("p_expires"),
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReply:
+    """What a reader needs of a stored reply to rebuild its events."""
+
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    seq: int
+    role: str
+    content: str
+    status: str
+    model_used: str | None
+    finish_reason: str | None
+    usage: dict[str, int] | None
+    error: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +212,7 @@ class BegunTurn:
 
 
 async def begin_turn(
-    conn: AsyncConnection,
+    tx: Tx,
     *,
     conversation_id: uuid.UUID,
     owner_id: uuid.UUID,
@@ -214,10 +232,11 @@ async def begin_turn(
     rolls the transaction back, so nothing is stored.
     """
     now = now or utcnow()
-    claimed = await _claim(conn, conversation_id, owner_id=owner_id, now=now, lease=lease)
-    claim_seq: int = claimed.next_seq
+    claim_seq, stored_prompt = await _claim(
+        tx, conversation_id, owner_id=owner_id, now=now, lease=lease
+    )
     user_seq = claim_seq - 2
-    system_prompt: str = claimed.system_prompt or default_system_prompt
+    system_prompt: str = stored_prompt or default_system_prompt
 
     system_tokens = budget.count(system_prompt) + budget.per_message
     fixed = PROMPT_OVERHEAD + system_tokens + text_tokens + budget.per_message
@@ -229,22 +248,37 @@ async def begin_turn(
             f"{budget.context_window}-token context window."
         )
     history, history_tokens = await _read_history(
-        conn, conversation_id, before_seq=user_seq, room=room, per_message=budget.per_message
+        tx, conversation_id, before_seq=user_seq, room=room, per_message=budget.per_message
     )
     user_id, assistant_id = new_id(), new_id()
-    await conn.execute(
-        _INSERT_PAIR,
-        {
-            "p_user_id": user_id,
-            "p_reply_id": assistant_id,
-            "p_conversation": conversation_id,
-            "p_user_seq": user_seq,
-            "p_reply_seq": user_seq + 1,
-            "p_text": text,
-            "p_tokens": text_tokens,
-            "p_model": model_used,
-            "p_now": now,
-        },
+    await tx.run_many(
+        _INSERT_MESSAGE,
+        [
+            {
+                "p_id": user_id,
+                "p_conversation": conversation_id,
+                "p_seq": user_seq,
+                "p_role": MessageRole.USER.value,
+                "p_content": text,
+                "p_status": MessageStatus.COMPLETED.value,
+                "p_tokens": text_tokens,
+                "p_model": None,
+                "p_now": now,
+                "p_completed": now,
+            },
+            {
+                "p_id": assistant_id,
+                "p_conversation": conversation_id,
+                "p_seq": user_seq + 1,
+                "p_role": MessageRole.ASSISTANT.value,
+                "p_content": "",
+                "p_status": MessageStatus.STREAMING.value,
+                "p_tokens": 0,
+                "p_model": model_used,
+                "p_now": now,
+                "p_completed": None,
+            },
+        ],
     )
     context = [ChatMessage("system", system_prompt), *history, ChatMessage("user", text)]
     return BegunTurn(
@@ -259,23 +293,25 @@ async def begin_turn(
 
 
 async def _claim(
-    conn: AsyncConnection,
+    tx: Tx,
     conversation_id: uuid.UUID,
     *,
     owner_id: uuid.UUID,
     now: datetime,
     lease: timedelta,
-) -> Row[Any]:
-    """Take the conversation for this turn and allocate two sequence numbers, atomically."""
+) -> tuple[int, str | None]:
+    """Take the conversation for this turn and allocate two sequence numbers, atomically.
+    Returns the new `next_seq` and the conversation's system prompt."""
     params = {"p_id": conversation_id, "p_owner": owner_id, "p_now": now, "p_until": now + lease}
     for _ in range(CLAIM_ATTEMPTS):
-        claimed = (await conn.execute(_CLAIM, params)).first()
+        claimed = await tx.first(_CLAIM, params)
         if claimed is not None:
-            return claimed
-        found = (await conn.execute(_BUSY_UNTIL, params)).first()
+            next_seq, system_prompt = claimed
+            return next_seq, system_prompt
+        found = await tx.first(_BUSY_UNTIL, params)
         if found is None:
             raise conversations.conversation_not_found()
-        busy_until: datetime | None = found.busy_until
+        busy_until: datetime | None = found[0]
         if busy_until is not None and busy_until >= now:
             raise ConversationBusy(
                 retry_after=min(5.0, max(1.0, (busy_until - now).total_seconds()))
@@ -285,7 +321,7 @@ async def _claim(
 
 
 async def _read_history(
-    conn: AsyncConnection,
+    tx: Tx,
     conversation_id: uuid.UUID,
     *,
     before_seq: int,
@@ -305,11 +341,9 @@ async def _read_history(
     cursor = before_seq
     assistant = MessageRole.ASSISTANT.value
     while True:
-        rows = (
-            await conn.execute(
-                _HISTORY, {"p_conversation": conversation_id, "p_before": cursor, "p_limit": batch}
-            )
-        ).all()
+        rows = await tx.all(
+            _HISTORY, {"p_conversation": conversation_id, "p_before": cursor, "p_limit": batch}
+        )
         for seq, role, content, tokens in rows:
             cost = tokens + per_message
             if used + cost > room:
@@ -330,7 +364,7 @@ async def _read_history(
 
 
 async def finish_turn(
-    conn: AsyncConnection,
+    tx: Tx,
     *,
     turn: BegunTurn,
     content: str,
@@ -344,7 +378,7 @@ async def finish_turn(
     """Store the reply and release the conversation, unless a later turn took it over after
     our claim expired (then its `next_seq` has moved on and the release is a no-op)."""
     now = utcnow()
-    await conn.execute(
+    await tx.run(
         _FINISH,
         {
             "p_id": turn.assistant_message_id,
@@ -364,41 +398,36 @@ async def finish_turn(
             "p_now": now,
         },
     )
-    await conn.execute(
-        _RELEASE, {"p_id": turn.conversation_id, "p_claim": turn.claim_seq, "p_now": now}
-    )
+    await tx.run(_RELEASE, {"p_id": turn.conversation_id, "p_claim": turn.claim_seq, "p_now": now})
 
 
-async def store_partials(conn: AsyncConnection, partials: Sequence[tuple[uuid.UUID, str]]) -> None:
+async def store_partials(tx: Tx, partials: Sequence[tuple[uuid.UUID, str]]) -> None:
     """Store the text so far of replies still `streaming`: (reply id, text) pairs, one
-    statement for all of them."""
-    if partials:
-        await conn.execute(
-            _STORE_PARTIAL, [{"p_id": reply_id, "p_content": text} for reply_id, text in partials]
-        )
+    round trip for all of them."""
+    await tx.run_many(
+        _STORE_PARTIAL, [{"p_id": reply_id, "p_content": text} for reply_id, text in partials]
+    )
 
 
 async def renew_claims(
-    conn: AsyncConnection, claims: Collection[tuple[uuid.UUID, int]], *, lease: timedelta
+    tx: Tx, claims: Collection[tuple[uuid.UUID, int]], *, lease: timedelta
 ) -> None:
     """Extend the claims of turns in progress: (conversation id, claim seq) pairs. A claim
     that a later turn has taken over (its seq moved on) is left alone."""
-    if claims:
-        await conn.execute(_RENEW, {"p_claims": list(claims), "p_until": utcnow() + lease})
-
-
-async def cancel_requested(conn: AsyncConnection) -> set[uuid.UUID]:
-    """Replies still generating that someone asked to cancel (in any process)."""
-    return set((await conn.execute(_CANCEL_REQUESTED)).scalars())
-
-
-async def request_cancel(conn: AsyncConnection, *, reply_id: uuid.UUID) -> None:
-    """Ask the process generating the reply to stop (it polls at each checkpoint)."""
-    await conn.execute(
-        update(messages_t)
-        .where(_m.id == reply_id, _m.status == MessageStatus.STREAMING)
-        .values(cancel_requested_at=utcnow())
+    until = utcnow() + lease
+    await tx.run_many(
+        _RENEW, [{"p_id": cid, "p_claim": seq, "p_until": until} for cid, seq in claims]
     )
+
+
+async def cancel_requested(tx: Tx) -> set[uuid.UUID]:
+    """Replies still generating that someone asked to cancel (in any process)."""
+    return {row[0] for row in await tx.all(_CANCEL_REQUESTED)}
+
+
+async def request_cancel(tx: Tx, *, reply_id: uuid.UUID) -> None:
+    """Ask the process generating the reply to stop (it polls at each checkpoint)."""
+    await tx.run(_REQUEST_CANCEL, {"p_id": reply_id, "p_now": utcnow()})
 
 
 async def reap_orphans(conn: AsyncConnection, *, now: datetime | None = None) -> int:
@@ -424,26 +453,26 @@ async def reap_orphans(conn: AsyncConnection, *, now: datetime | None = None) ->
     return int(result.rowcount or 0)
 
 
-async def load_stored_reply(conn: AsyncConnection, reply_id: uuid.UUID) -> StoredReply | None:
-    """The stored state of a reply: content, status, model_used, finish_reason, usage, error."""
-    return (await conn.execute(_REPLY, {"p_id": reply_id})).first()
+async def load_stored_reply(tx: Tx, reply_id: uuid.UUID) -> StoredReply | None:
+    row = await tx.first(_REPLY, {"p_id": reply_id})
+    return None if row is None else StoredReply(*row)
 
 
 async def load_reply(
-    conn: AsyncConnection, conversation_id: uuid.UUID, message_id: uuid.UUID
+    tx: Tx, conversation_id: uuid.UUID, message_id: uuid.UUID
 ) -> tuple[StoredReply, uuid.UUID]:
     """An assistant message of the conversation and the id of the user message it answers."""
-    message = await load_stored_reply(conn, message_id)
+    message = await load_stored_reply(tx, message_id)
     if (
         message is None
         or message.conversation_id != conversation_id
         or message.role != MessageRole.ASSISTANT
     ):
         raise NotFound("Message not found.")
-    user_id = await conn.scalar(
+    user = await tx.first(
         _USER_MESSAGE_ID, {"p_conversation": conversation_id, "p_seq": message.seq - 1}
     )
-    return message, user_id or message.id
+    return message, user[0] if user is not None else message.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,40 +482,38 @@ class IdempotentRequest:
     request_hash: str
 
 
-async def find_idempotent(
-    conn: AsyncConnection, request: IdempotentRequest
-) -> tuple[uuid.UUID, uuid.UUID] | None:
+async def find_idempotent(tx: Tx, request: IdempotentRequest) -> tuple[uuid.UUID, uuid.UUID] | None:
     """The (conversation id, reply id) of a live earlier request with this key;
     `IdempotencyConflict` if that request had a different body."""
-    record = (
-        await conn.execute(_IDEMPOTENT, {"p_scope": request.scope, "p_key": request.key})
-    ).first()
+    record = await tx.first(_IDEMPOTENT, {"p_scope": request.scope, "p_key": request.key})
     if record is None:
         return None
-    if record.expires_at < utcnow():
-        await conn.execute(delete(idempotency_t).where(_i.id == record.id))
+    record_id, request_hash, conversation_id, reply_id, expires_at = record
+    if expires_at < utcnow():
+        await tx.run(_FORGET_IDEMPOTENT, {"p_id": record_id})
         return None
-    if record.request_hash != request.request_hash:
+    if request_hash != request.request_hash:
         raise IdempotencyConflict(
             "This Idempotency-Key was already used with a different request body."
         )
-    return record.conversation_id, record.assistant_message_id
+    return conversation_id, reply_id
 
 
 async def remember_idempotent(
-    conn: AsyncConnection, request: IdempotentRequest, *, turn: BegunTurn, ttl: timedelta
+    tx: Tx, request: IdempotentRequest, *, turn: BegunTurn, ttl: timedelta
 ) -> None:
     now = utcnow()
-    await conn.execute(
-        insert(idempotency_t).values(
-            id=new_id(),
-            scope=request.scope,
-            key=request.key,
-            request_hash=request.request_hash,
-            conversation_id=turn.conversation_id,
-            user_message_id=turn.user_message_id,
-            assistant_message_id=turn.assistant_message_id,
-            created_at=now,
-            expires_at=now + ttl,
-        )
+    await tx.run(
+        _REMEMBER_IDEMPOTENT,
+        {
+            "p_id": new_id(),
+            "p_scope": request.scope,
+            "p_key": request.key,
+            "p_hash": request.request_hash,
+            "p_conversation": turn.conversation_id,
+            "p_user_message": turn.user_message_id,
+            "p_reply": turn.assistant_message_id,
+            "p_now": now,
+            "p_expires": now + ttl,
+        },
     )

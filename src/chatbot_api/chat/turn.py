@@ -27,6 +27,7 @@ from chatbot_api.chat.outcomes import (
 from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.errors import AppError, GenerationInterrupted
 from chatbot_api.llm.base import Usage
+from chatbot_api.sql import run_transaction
 
 # How often a follower polls the row of a turn running in another process.
 FOLLOW_INTERVAL = 0.2
@@ -126,8 +127,9 @@ async def follow(turn: Turn, engine: AsyncEngine, *, deadline: float) -> None:
     give_up = loop.time() + deadline
     while loop.time() < give_up:
         await asyncio.sleep(FOLLOW_INTERVAL)
-        async with engine.connect() as conn:
-            message = await service.load_stored_reply(conn, turn.ids.assistant_message_id)
+        message = await run_transaction(
+            engine, lambda tx: service.load_stored_reply(tx, turn.ids.assistant_message_id)
+        )
         if message is None:
             break
         if message.status != MessageStatus.STREAMING:

@@ -34,7 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.chat import service
 from chatbot_api.chat.outcomes import (
@@ -47,7 +47,6 @@ from chatbot_api.chat.outcomes import (
 from chatbot_api.chat.turn import Turn, follow
 from chatbot_api.config import Settings
 from chatbot_api.conversations.models import MessageStatus
-from chatbot_api.db import run_transaction
 from chatbot_api.errors import (
     AppError,
     GenerationCancelled,
@@ -60,6 +59,7 @@ from chatbot_api.errors import (
 )
 from chatbot_api.llm.base import Finish, GenerationOptions, Provider, Routed, TextDelta, Usage
 from chatbot_api.llm.errors import ProviderError, ProviderUnavailable
+from chatbot_api.sql import Tx, run_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +130,13 @@ class TurnManager:
         text_tokens = provider.count_tokens(text)
         model_used = model or provider.model
 
-        async def begin(conn: AsyncConnection) -> service.BegunTurn | tuple[uuid.UUID, uuid.UUID]:
+        async def begin(tx: Tx) -> service.BegunTurn | tuple[uuid.UUID, uuid.UUID]:
             if idempotency is not None:
-                earlier = await service.find_idempotent(conn, idempotency)
+                earlier = await service.find_idempotent(tx, idempotency)
                 if earlier is not None:
                     return earlier
             begun = await service.begin_turn(
-                conn,
+                tx,
                 conversation_id=conversation_id,
                 owner_id=owner_id,
                 text=text,
@@ -148,7 +148,7 @@ class TurnManager:
             )
             if idempotency is not None:
                 ttl = timedelta(seconds=self._settings.reliability.idempotency_ttl_seconds)
-                await service.remember_idempotent(conn, idempotency, turn=begun, ttl=ttl)
+                await service.remember_idempotent(tx, idempotency, turn=begun, ttl=ttl)
             return begun
 
         for attempt in range(2):
@@ -178,8 +178,9 @@ class TurnManager:
         live = self._turns.get(message_id)
         if live is not None and live.ids.conversation_id == conversation_id:
             return live
-        async with self._engine.connect() as conn:
-            message, user_id = await service.load_reply(conn, conversation_id, message_id)
+        message, user_id = await run_transaction(
+            self._engine, lambda tx: service.load_reply(tx, conversation_id, message_id)
+        )
         turn = Turn(
             ids=TurnIds(conversation_id, user_id, message.id), model_used=message.model_used or ""
         )
@@ -203,11 +204,16 @@ class TurnManager:
                 async with asyncio.timeout(5):
                     await live.outcome()
             return
-        async with self._engine.begin() as conn:
-            message, _ = await service.load_reply(conn, conversation_id, message_id)
+
+        async def request(tx: Tx) -> bool:
+            message, _ = await service.load_reply(tx, conversation_id, message_id)
             if message.status != MessageStatus.STREAMING:
-                return
-            await service.request_cancel(conn, reply_id=message.id)
+                return False
+            await service.request_cancel(tx, reply_id=message.id)
+            return True
+
+        if not await run_transaction(self._engine, request):
+            return
         # Another process owns the turn; it sees the request at its next checkpoint.
         follower = await self.attach(conversation_id, message_id)
         with contextlib.suppress(TimeoutError):
@@ -300,14 +306,14 @@ class TurnManager:
         self,
         partials: list[tuple[Turn, int]],
         claims: list[tuple[uuid.UUID, int]] | None,
-        conn: AsyncConnection,
+        tx: Tx,
     ) -> set[uuid.UUID]:
         await service.store_partials(
-            conn, [(t.ids.assistant_message_id, t.text()) for t, _ in partials]
+            tx, [(t.ids.assistant_message_id, t.text()) for t, _ in partials]
         )
         if claims:
-            await service.renew_claims(conn, claims, lease=self._lease)
-        return await service.cancel_requested(conn)
+            await service.renew_claims(tx, claims, lease=self._lease)
+        return await service.cancel_requested(tx)
 
     async def _finish(
         self,
@@ -388,13 +394,15 @@ class TurnManager:
         finish: str | None,
         error: dict[str, object] | None,
     ) -> bool:
-        assert turn.begun is not None
+        begun = turn.begun
+        assert begun is not None
         for attempt in range(PERSIST_ATTEMPTS):
             try:
-                async with self._engine.begin() as conn:
-                    await service.finish_turn(
-                        conn,
-                        turn=turn.begun,
+                await run_transaction(
+                    self._engine,
+                    functools.partial(
+                        service.finish_turn,
+                        turn=begun,
                         content=text,
                         status=status,
                         token_count=token_count,
@@ -402,7 +410,8 @@ class TurnManager:
                         finish_reason=finish,
                         error=error,
                         model_used=turn.model_used,
-                    )
+                    ),
+                )
                 return True
             except Exception as exc:
                 if not is_transient_db_error(exc) or attempt == PERSIST_ATTEMPTS - 1:

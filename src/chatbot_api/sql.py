@@ -29,6 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
+from sqlalchemy.util import greenlet_spawn
 
 T = TypeVar("T")
 Params = Mapping[str, Any]
@@ -172,24 +173,26 @@ async def run_transaction(engine: AsyncEngine, work: Callable[[Tx], Awaitable[T]
     for attempt in range(2):
         committing = False
         try:
-            async with engine.connect() as conn:
-                if conn.dialect.driver != "asyncpg":
-                    async with conn.begin():
-                        result = await work(_CoreTx(conn))
-                        committing = True  # leaving the block commits
-                    return result
-                driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
-                try:
-                    async with driver.transaction():
-                        result = await work(_AsyncpgTx(driver, conn.dialect))
-                        committing = True
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    # BEGIN or COMMIT (statements raise SQLAlchemy's errors already).
-                    raise _translate(exc, "BEGIN/COMMIT", driver) from exc
-                finally:
-                    if driver.is_closed():
-                        await conn.invalidate()
+            if engine.dialect.driver != "asyncpg":
+                async with engine.connect() as conn, conn.begin():
+                    result = await work(_CoreTx(conn))
+                    committing = True  # leaving the block commits
                 return result
+            # A raw pool checkout: no SQLAlchemy `Connection` is built around it.
+            pooled = await engine.raw_connection()
+            driver: asyncpg.Connection = pooled.driver_connection
+            try:
+                async with driver.transaction():
+                    result = await work(_AsyncpgTx(driver, engine.dialect))
+                    committing = True
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                # BEGIN or COMMIT (statements raise SQLAlchemy's errors already).
+                raise _translate(exc, "BEGIN/COMMIT", driver) from exc
+            finally:
+                if driver.is_closed():
+                    await greenlet_spawn(pooled.invalidate)
+                await greenlet_spawn(pooled.close)  # back to the pool
+            return result
         except DBAPIError as exc:
             if attempt == 0 and exc.connection_invalidated and not committing:
                 continue

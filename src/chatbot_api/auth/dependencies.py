@@ -143,7 +143,7 @@ async def require_admin(caller: CurrentPrincipal) -> Caller:
 AdminPrincipal = Annotated[Caller, Depends(require_admin)]
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

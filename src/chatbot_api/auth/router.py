@@ -27,7 +27,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 
-def parse_key_id(key_id: str) -> uuid.UUID:
+async def parse_key_id(key_id: str) -> uuid.UUID:
     """A malformed id names no key: 404, the same answer as an unknown one."""
     try:
         return uuid.UUID(key_id)

@@ -9,6 +9,7 @@ hold a connection while a reply is generated or streamed (`chat/`).
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -52,16 +53,20 @@ OwnedConversation = Annotated[Conversation, Depends(_load_owned_conversation)]
 ConversationDep = OwnedConversation
 
 
+@dataclass(frozen=True, slots=True)
 class PageParams:
-    def __init__(
-        self,
-        limit: Annotated[int, Query(ge=1, le=100, description="Items per page.")] = 20,
-        after: Annotated[
-            str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
-        ] = None,
-    ) -> None:
-        self.limit = limit
-        self.after = after
+    limit: int
+    after: str | None
 
 
-PageDep = Annotated[PageParams, Depends()]
+# A function, not the class itself: FastAPI would call a class in a worker thread.
+async def _page(
+    limit: Annotated[int, Query(ge=1, le=100, description="Items per page.")] = 20,
+    after: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+    ] = None,
+) -> PageParams:
+    return PageParams(limit, after)
+
+
+PageDep = Annotated[PageParams, Depends(_page)]

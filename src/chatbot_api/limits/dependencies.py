@@ -1,5 +1,8 @@
 """The limiter built in the lifespan, and `TurnGuardDep`: the checks a turn passes before it
-starts (model allowlist, `max_tokens` cap, daily tokens, concurrent streams)."""
+starts (model allowlist, `max_tokens` cap, daily tokens, concurrent streams).
+
+Every dependency here is `async def`, even those that never await: FastAPI runs a plain `def`
+in a worker thread, a thread switch on every request for nothing."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from chatbot_api.limits.base import Limiter
 T = TypeVar("T", bound=service.Outcome)
 
 
-def _limiter(request: Request) -> Limiter:
+async def _limiter(request: Request) -> Limiter:
     limiter: Limiter = request.app.state.limiter
     return limiter
 
@@ -50,7 +53,7 @@ class TurnGuard:
         return await self.generations.start(self.caller.subject, self.caller.limits, begin)
 
 
-def _turn_guard(request: Request, caller: CurrentPrincipal) -> TurnGuard:
+async def _turn_guard(request: Request, caller: CurrentPrincipal) -> TurnGuard:
     settings: Settings = request.app.state.settings
     return TurnGuard(
         caller=caller,

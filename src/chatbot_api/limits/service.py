@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar
 
 from chatbot_api.errors import AppError, ModelNotAllowed, RateLimited
@@ -31,6 +32,7 @@ from chatbot_api.limits.base import Decision, Limiter
 logger = logging.getLogger(__name__)
 
 MINUTE = 60.0
+DAY = 86_400.0
 
 Kind = Literal["requests", "tokens"]
 
@@ -134,8 +136,8 @@ T = TypeVar("T", bound=Outcome)
 
 def _today(now: datetime) -> tuple[str, float]:
     """The UTC day's key suffix and the seconds until it ends."""
-    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return now.strftime("%Y%m%d"), (tomorrow - now).total_seconds()
+    left = DAY - (now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6)
+    return f"{now.year:04d}{now.month:02d}{now.day:02d}", left
 
 
 class Generations:
@@ -147,6 +149,8 @@ class Generations:
         self._limiter = limiter
         self._lease = stream_lease
         self._watchers: set[asyncio.Task[None]] = set()
+        # Slot tokens: unique across processes (a random prefix), cheap within one (a count).
+        self._tokens = map(f"{secrets.token_hex(8)}:{{}}".format, itertools.count())
 
     async def start(self, subject: str, limits: KeyLimits, begin: Callable[[], Awaitable[T]]) -> T:
         """Check the key's daily tokens, take a stream slot, then `begin()` the turn. The slot
@@ -167,7 +171,7 @@ class Generations:
                 tokens,
                 code="token_budget_exhausted",
             )
-        token = uuid.uuid4().hex
+        token = next(self._tokens)
         slot = await self._limiter.acquire(
             f"streams:{subject}", token, limit=limits.concurrent_streams, lease=self._lease
         )

@@ -6,6 +6,7 @@ import time; `app_factory()` is what `chatbot-api serve` hands to uvicorn.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -121,6 +122,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             create_admin_key=settings.auth.mode == "enabled" and settings.auth.bootstrap_admin_key,
         )
         _flip_readiness_on_sigterm(app)
+        # Everything allocated so far lives as long as the process: keep it out of the
+        # collector's scans (`gc.freeze`), which otherwise walk it on every full collection.
+        gc.collect()
+        gc.freeze()
         reaper = asyncio.create_task(turns.reap_forever(), name="reaper")
         checkpointer = asyncio.create_task(turns.checkpoint_forever(), name="checkpointer")
         logger.info("serving with provider=%s model=%s", provider.name, provider.model)

@@ -25,7 +25,6 @@ import re
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,6 +46,11 @@ EXPOSED_HEADERS = [
         for part in ("limit", "remaining", "reset")
     ),
 ]
+BASE_HEADER_BYTES = tuple(
+    (name.lower().encode("latin-1"), value.encode("latin-1"))
+    for name, value in BASE_HEADERS.items()
+)
+API_HEADER_BYTES = (*BASE_HEADER_BYTES, (b"content-security-policy", API_CSP.encode("latin-1")))
 CORS_HEADERS = ["Authorization", "Content-Type", "Accept", "Idempotency-Key", "Last-Event-ID"]
 
 
@@ -65,13 +69,15 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in BASE_HEADERS.items():
-                    headers.setdefault(name, value)
-                if not docs:
-                    headers.setdefault("Content-Security-Policy", API_CSP)
+                # Raw header lists rather than `MutableHeaders`: this runs on every response.
+                headers = message["headers"] = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                defaults = BASE_HEADER_BYTES if docs else API_HEADER_BYTES
+                headers.extend(h for h in defaults if h[0] not in present)
                 for name, value in state.get(RATELIMIT_STATE, {}).items():
-                    headers.setdefault(name, value)
+                    key = name.encode("latin-1")
+                    if key not in present:
+                        headers.append((key, value.encode("latin-1")))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -20,12 +20,16 @@ from chatbot_api.conversations.models import Conversation
 from chatbot_api.db import SessionDep
 
 
-async def parse_conversation_id(conversation_id: str) -> uuid.UUID:
+def conversation_uuid(conversation_id: str) -> uuid.UUID:
     """A malformed id names no conversation: 404, the same answer as an unknown one."""
     try:
         return uuid.UUID(conversation_id)
     except ValueError:
         raise service.conversation_not_found() from None
+
+
+async def parse_conversation_id(conversation_id: str) -> uuid.UUID:
+    return conversation_uuid(conversation_id)
 
 
 ParsedConversationId = Annotated[uuid.UUID, Depends(parse_conversation_id)]

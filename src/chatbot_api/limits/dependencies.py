@@ -12,7 +12,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
-from chatbot_api.auth.dependencies import Caller, CurrentPrincipal
+from chatbot_api.auth.dependencies import Caller
 from chatbot_api.config import Settings
 from chatbot_api.limits import service
 from chatbot_api.limits.base import Limiter
@@ -53,7 +53,8 @@ class TurnGuard:
         return await self.generations.start(self.caller.subject, self.caller.limits, begin)
 
 
-async def _turn_guard(request: Request, caller: CurrentPrincipal) -> TurnGuard:
+def turn_guard(request: Request, caller: Caller) -> TurnGuard:
+    """The caller's guard, from what the lifespan built (used by `chat.dependencies`)."""
     settings: Settings = request.app.state.settings
     return TurnGuard(
         caller=caller,
@@ -62,6 +63,3 @@ async def _turn_guard(request: Request, caller: CurrentPrincipal) -> TurnGuard:
         allowed_models=settings.llm.allowed_model_list,
         max_tokens_cap=settings.llm.max_tokens,
     )
-
-
-TurnGuardDep = Annotated[TurnGuard, Depends(_turn_guard)]

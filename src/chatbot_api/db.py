@@ -10,17 +10,17 @@ never sees a 2xx for a write that did not commit.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from pydantic import BaseModel
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -144,11 +144,18 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+async def _engine(request: Request) -> AsyncEngine:
     engine: AsyncEngine = request.app.state.engine
-    async with engine.begin() as connection:
-        yield connection
+    return engine
 
 
-# The same unit of work without the ORM, for the routes on the hot path (SQLAlchemy Core).
-ConnectionDep = Annotated[AsyncConnection, Depends(get_connection, scope="function")]
+# For the routes on the hot path, which run `sql.Prepared` statements (`sql.run_transaction`).
+EngineDep = Annotated[AsyncEngine, Depends(_engine)]
+
+
+def model_response(
+    model: BaseModel, status_code: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """A JSON response serialised once, by pydantic-core. Returning the model would have
+    FastAPI validate it against `response_model` all over again first."""
+    return Response(model.model_dump_json(), status_code, headers, media_type="application/json")

@@ -161,8 +161,14 @@ def _translate(exc: Exception, sql: str, driver: asyncpg.Connection) -> Exceptio
     return exc
 
 
-async def run_transaction(engine: AsyncEngine, work: Callable[[Tx], Awaitable[T]]) -> T:
+async def run_transaction(
+    engine: AsyncEngine, work: Callable[[Tx], Awaitable[T]], *, single_statement: bool = False
+) -> T:
     """`work(tx)` in one transaction, committed if it returns.
+
+    `single_statement=True` is for work that is one statement: on PostgreSQL it then runs
+    without BEGIN and COMMIT (a statement is its own transaction), one round trip instead of
+    three, and it is never retried (a statement that may have committed cannot be).
 
     If the connection turns out to be dead (the database restarted since it was last used),
     it is invalidated and the work runs once more on another: nothing was committed, since
@@ -182,9 +188,13 @@ async def run_transaction(engine: AsyncEngine, work: Callable[[Tx], Awaitable[T]
             pooled = await engine.raw_connection()
             driver: asyncpg.Connection = pooled.driver_connection
             try:
-                async with driver.transaction():
-                    result = await work(_AsyncpgTx(driver, engine.dialect))
+                if single_statement:
                     committing = True
+                    result = await work(_AsyncpgTx(driver, engine.dialect))
+                else:
+                    async with driver.transaction():
+                        result = await work(_AsyncpgTx(driver, engine.dialect))
+                        committing = True
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 # BEGIN or COMMIT (statements raise SQLAlchemy's errors already).
                 raise _translate(exc, "BEGIN/COMMIT", driver) from exc

@@ -20,7 +20,7 @@ from chatbot_api.conversations import service as conversations
 from chatbot_api.conversations.dependencies import ConversationIdDep, conversation_uuid
 from chatbot_api.conversations.router import message_out
 from chatbot_api.conversations.schemas import MessageOut
-from chatbot_api.db import SessionDep
+from chatbot_api.db import SessionDep, model_response
 from chatbot_api.errors import AppError, error_envelope
 
 router = APIRouter(prefix="/api/v1/conversations", tags=["chat"])
@@ -124,10 +124,8 @@ async def send_message(
         return EventSourceResponse(events.sse_stream(turn), headers=STREAM_HEADERS)
     outcome = await turn.outcome()
     if isinstance(outcome.data, ChatResponse):
-        # Serialised once, by pydantic-core: FastAPI would validate the model all over again.
-        return Response(
-            outcome.data.model_dump_json(),
-            media_type="application/json",
+        return model_response(
+            outcome.data,
             headers={
                 "X-Upstream-Attempts": str(outcome.data.attempts),
                 "X-Upstream-Fallbacks": str(outcome.data.fallbacks),

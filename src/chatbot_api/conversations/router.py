@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from fastapi import APIRouter, Response, status
@@ -17,8 +18,9 @@ from chatbot_api.conversations.schemas import (
     MessageOut,
     Page,
 )
-from chatbot_api.db import SessionDep
+from chatbot_api.db import EngineDep, SessionDep, model_response
 from chatbot_api.errors import error_envelope
+from chatbot_api.sql import run_transaction
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {
@@ -49,17 +51,21 @@ def message_out(message: Message) -> MessageOut:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ConversationOut)
 async def create_conversation(
-    session: SessionDep, caller: CurrentPrincipal, body: ConversationCreate | None = None
-) -> ConversationOut:
+    engine: EngineDep, caller: CurrentPrincipal, body: ConversationCreate | None = None
+) -> Response:
     body = body or ConversationCreate()
-    conversation = await service.create_conversation(
-        session,
-        owner_id=caller.principal_id,
-        title=body.title,
-        system_prompt=body.system_prompt,
-        metadata=body.metadata,
+    conversation = await run_transaction(
+        engine,
+        functools.partial(
+            service.create_conversation,
+            owner_id=caller.principal_id,
+            title=body.title,
+            system_prompt=body.system_prompt,
+            metadata=body.metadata,
+        ),
+        single_statement=True,
     )
-    return conversation_out(conversation)
+    return model_response(conversation, status.HTTP_201_CREATED)
 
 
 @router.get("", response_model=Page[ConversationOut])

@@ -1,5 +1,6 @@
-"""Conversation and message storage. Functions take the session first and never commit: the
-caller's unit of work does (`SessionDep` for requests, `chat.service` for turns)."""
+"""Conversation and message storage. Functions take the session (or, on the hot path, a
+`sql.Tx`) first and never commit: the caller's unit of work does (`SessionDep` for requests,
+`sql.run_transaction` for creation and turns)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import binascii
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import Table, and_, bindparam, delete, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot_api.conversations.models import Conversation, Message
+from chatbot_api.conversations.schemas import ConversationOut
+from chatbot_api.db import new_id, utcnow
 from chatbot_api.errors import InvalidRequest, NotFound
+from chatbot_api.sql import Prepared, Tx
 
 _UNSET: Any = object()
 # Sequence numbers are 32-bit integers in the schema.
@@ -40,19 +44,48 @@ def conversation_not_found() -> NotFound:
     return NotFound("Conversation not found.")
 
 
+_CREATE = Prepared(
+    insert(cast(Table, Conversation.__table__)).values(
+        id=bindparam("p_id"),
+        owner_id=bindparam("p_owner"),
+        title=bindparam("p_title"),
+        system_prompt=bindparam("p_system_prompt"),
+        metadata=bindparam("p_metadata"),
+        next_seq=1,
+        created_at=bindparam("p_now"),
+        updated_at=bindparam("p_now"),
+    )
+)
+
+
 async def create_conversation(
-    session: AsyncSession,
+    tx: Tx,
     *,
     owner_id: uuid.UUID,
     title: str | None = None,
     system_prompt: str | None = None,
     metadata: dict[str, Any] | None = None,
-) -> Conversation:
-    conversation = Conversation(
-        owner_id=owner_id, title=title, system_prompt=system_prompt, meta=metadata
+) -> ConversationOut:
+    """One INSERT; what it stored is known without reading it back."""
+    conversation = ConversationOut(
+        id=new_id(),
+        title=title,
+        system_prompt=system_prompt,
+        metadata=metadata,
+        created_at=(now := utcnow()),
+        updated_at=now,
     )
-    session.add(conversation)
-    await session.flush()
+    await tx.run(
+        _CREATE,
+        {
+            "p_id": conversation.id,
+            "p_owner": owner_id,
+            "p_title": title,
+            "p_system_prompt": system_prompt,
+            "p_metadata": metadata,
+            "p_now": now,
+        },
+    )
     return conversation
 
 

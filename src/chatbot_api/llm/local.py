@@ -32,6 +32,7 @@ import importlib.resources
 import importlib.util
 import logging
 import os
+import sys
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,8 @@ INSTALL_HINT = "install the 'local' extra: pip install 'chatbot-api[local]'"
 DEFAULT_TIMEOUTS = Timeouts()
 # Prompt tokens per evaluation step: a cancel lands between two; as fast as bigger batches.
 PREFILL_CHUNK = 64
+# The GIL switch interval while the model is loaded (see `LocalProvider.start`).
+SWITCH_INTERVAL = 0.001
 
 # The worker's output: events, the error that ended it, then None once it has returned.
 _Item = StreamEvent | ProviderError | None
@@ -178,8 +181,14 @@ class LocalProvider:
     # Lifecycle
 
     async def start(self) -> None:
-        """Load the weights once, off the event loop."""
+        """Load the weights once, off the event loop.
+
+        The worker thread runs Python between two llama.cpp calls (sampling, detokenizing),
+        holding the GIL; at the default switch interval the event loop could wait 5 ms for
+        it on every token, which a health check or another request would feel. A 1 ms
+        interval bounds that wait, for a few more switches while both threads are busy."""
         await asyncio.to_thread(self.load_sync)
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
 
     def load_sync(self) -> None:
         """Load the weights, blocking. `start()` runs this in a thread; synchronous callers

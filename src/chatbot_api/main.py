@@ -33,6 +33,8 @@ from chatbot_api.middleware import BodySizeLimit
 
 logger = logging.getLogger(__name__)
 
+GC_THRESHOLD_0 = 20_000
+
 # Context windows of the default hosted models, used unless LLM_CONTEXT_WINDOW is set.
 GROQ_CONTEXT_WINDOW = 131_072
 OPENAI_CONTEXT_WINDOW = 128_000
@@ -126,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # collector's scans (`gc.freeze`), which otherwise walk it on every full collection.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(GC_THRESHOLD_0, 10, 10)
         reaper = asyncio.create_task(turns.reap_forever(), name="reaper")
         checkpointer = asyncio.create_task(turns.checkpoint_forever(), name="checkpointer")
         logger.info("serving with provider=%s model=%s", provider.name, provider.model)

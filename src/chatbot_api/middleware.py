@@ -45,11 +45,14 @@ class BodySizeLimit:
                 try:
                     declared = int(value)
                 except ValueError:
-                    declared = 0
+                    break  # h11/httptools refuse such a request first; count the bytes anyway
                 if declared > self.max_bytes:
                     await self._reject(send)
                     return
-                break
+                # The server stops reading at Content-Length: no need to count, nor to wrap
+                # every message of the response (a stream's every token) on the way out.
+                await self.app(scope, receive, send)
+                return
 
         received = 0
         rejected = False

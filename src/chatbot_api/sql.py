@@ -11,8 +11,10 @@ other backend (SQLite) it runs through SQLAlchemy as usual. Both give rows that 
 tuples; both raise SQLAlchemy's exceptions (`_translate`), so callers and the error handlers
 see one behaviour.
 
-Only statements whose SQL is fixed can be prepared: no `in_()` lists (expanded at execution)
-and no multi-row `.values()` (executemany instead). Anything else uses `AsyncConnection`.
+Only statements whose SQL is fixed can be prepared: no `in_()` lists (expanded at execution),
+no multi-row `.values()` (executemany instead), and every column with a Python-side default
+(`default=`, `onupdate=`) set explicitly (checked when the statement is compiled). Anything
+else uses `AsyncConnection`.
 
     async def work(tx: Tx) -> ...:
         row = await tx.first(CLAIM, {"p_id": ...})
@@ -45,6 +47,11 @@ class _Compiled:
 
     def __init__(self, statement: Executable, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+        prefetch = [c.name for c in (*compiled.insert_prefetch, *compiled.update_prefetch)]
+        if prefetch:
+            # SQLAlchemy computes these Python-side defaults (`default=`, `onupdate=`) at
+            # execution; run on the driver they would silently be NULL. Set them explicitly.
+            raise ValueError(f"a prepared statement must set {', '.join(prefetch)} itself")
         self.sql: str = str(compiled)
         self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
         self.defaults: dict[str, Any] = dict(compiled.params)
@@ -153,9 +160,12 @@ class _AsyncpgTx:
 def _translate(exc: Exception, sql: str, driver: asyncpg.Connection) -> Exception:
     """asyncpg's exceptions as SQLAlchemy's, as `Connection.execute` would have raised them:
     a unique violation is an `IntegrityError`, and a broken connection a `DBAPIError` with
-    `connection_invalidated` (the caller invalidates it; see `run_transaction`)."""
+    `connection_invalidated` (the caller invalidates it; see `run_transaction`). asyncpg's
+    `InternalClientError` means its protocol state is lost: the connection is never reused."""
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return IntegrityError(sql, None, exc)
+    if isinstance(exc, asyncpg.InternalClientError):
+        return DBAPIError(sql, None, exc, connection_invalidated=True)
     if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError):
         return DBAPIError(sql, None, exc, connection_invalidated=driver.is_closed())
     return exc
@@ -184,9 +194,15 @@ async def run_transaction(
                     result = await work(_CoreTx(conn))
                     committing = True  # leaving the block commits
                 return result
-            # A raw pool checkout: no SQLAlchemy `Connection` is built around it.
-            pooled = await engine.raw_connection()
+            # A raw pool checkout: no SQLAlchemy `Connection` is built around it, so a failed
+            # connect comes out as the driver's error and is wrapped here as SQLAlchemy would.
+            dbapi_error = engine.dialect.loaded_dbapi.Error
+            try:
+                pooled = await engine.raw_connection()
+            except dbapi_error as exc:
+                raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
             driver: asyncpg.Connection = pooled.driver_connection
+            broken = False
             try:
                 if single_statement:
                     committing = True
@@ -195,11 +211,21 @@ async def run_transaction(
                     async with driver.transaction():
                         result = await work(_AsyncpgTx(driver, engine.dialect))
                         committing = True
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                # BEGIN or COMMIT (statements raise SQLAlchemy's errors already).
-                raise _translate(exc, "BEGIN/COMMIT", driver) from exc
+            except DBAPIError as exc:
+                broken = exc.connection_invalidated
+                raise
+            except (
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+                OSError,
+            ) as exc:
+                # BEGIN, COMMIT or ROLLBACK (statements raise SQLAlchemy's errors already).
+                error = _translate(exc, "BEGIN/COMMIT", driver)
+                broken = isinstance(error, DBAPIError) and error.connection_invalidated
+                raise error from exc
             finally:
-                if driver.is_closed():
+                if broken or driver.is_closed():
                     await greenlet_spawn(pooled.invalidate)
                 await greenlet_spawn(pooled.close)  # back to the pool
             return result

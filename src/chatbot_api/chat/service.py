@@ -123,7 +123,8 @@ _STORE_PARTIAL = Prepared(
 _RENEW = Prepared(
     update(conversations_t)
     .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
-    .values(busy_until=bindparam("p_until"))
+    # A renewed lease is no change of the conversation: `updated_at` stays as it was.
+    .values(busy_until=bindparam("p_until"), updated_at=_c.updated_at)
 )
 # Cancel requests are rare and replies in progress few: the status index finds them at once.
 _CANCEL_REQUESTED = Prepared(

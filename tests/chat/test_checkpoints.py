@@ -1,0 +1,66 @@
+"""The per-process checkpointer: while a reply is generated, its partial text reaches the
+database and its claim on the conversation is renewed, however many leases the turn lasts."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatbot_api.conversations.models import Conversation, Message
+from chatbot_api.testing.fake_llm import FakeLLM, Script
+from tests.chat.helpers import send
+from tests.conftest import client_for, create_conversation
+
+LEASE = 0.6
+
+
+async def claim_and_partial(engine: AsyncEngine, conversation: str) -> tuple[Any, str]:
+    conversation_id = uuid.UUID(conversation)
+    async with engine.connect() as connection:
+        busy_until = await connection.scalar(
+            select(Conversation.busy_until).where(Conversation.id == conversation_id)
+        )
+        partial = await connection.scalar(
+            select(Message.content).where(
+                Message.conversation_id == conversation_id, Message.role == "assistant"
+            )
+        )
+    return busy_until, partial or ""
+
+
+class TestCheckpointer:
+    async def test_a_turn_longer_than_its_lease_keeps_its_claim_and_stores_its_partial(
+        self, app_factory: Callable[..., Any], fake_llm: FakeLLM, engine: AsyncEngine
+    ) -> None:
+        app = await app_factory(
+            reliability={"conversation_lease_seconds": LEASE, "stream_checkpoint_interval": 0.1}
+        )
+        deltas = tuple(f"w{i} " for i in range(50))
+        fake_llm.enqueue(Script(deltas=deltas, token_delay=0.05))  # 2.5 s: four leases
+        samples: list[tuple[datetime, Any, str]] = []
+        async with client_for(app) as client:
+            conversation_id = await create_conversation(client)
+            turn = asyncio.create_task(send(client, conversation_id, "a long one, please"))
+            for _ in range(20):
+                await asyncio.sleep(0.1)
+                samples.append(
+                    (datetime.now(UTC), *await claim_and_partial(engine, conversation_id))
+                )
+            concurrent = await send(client, conversation_id, "me too")
+            response = await turn
+
+        assert response.status_code == 200, response.text
+        assert concurrent.status_code == 409, concurrent.text
+        # Well past the first lease, the claim was still ahead of the clock at every sample.
+        assert all(busy is not None and busy > at for at, busy, _ in samples)
+        partials = [len(partial) for _, _, partial in samples]
+        assert partials == sorted(partials)
+        assert 0 < partials[5] < partials[-1] < len("".join(deltas))
+        busy_until, stored = await claim_and_partial(engine, conversation_id)
+        assert (busy_until, stored) == (None, "".join(deltas))

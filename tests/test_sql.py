@@ -1,0 +1,211 @@
+"""Prepared hot-path statements and their transactions (`chatbot_api.sql`), on both backends:
+the same rows and the same SQLAlchemy exceptions whichever way a statement runs, commit and
+rollback as declared, and a connection killed under the pool retried once, transparently."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from types import ModuleType
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import Table, bindparam, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID
+from chatbot_api.chat import service as chat_service
+from chatbot_api.config import DatabaseSettings
+from chatbot_api.conversations import service as conversations_service
+from chatbot_api.conversations.models import Conversation
+from chatbot_api.db import create_engine, utcnow
+from chatbot_api.sql import Prepared, Tx, run_transaction
+from tests.conftest import count_rows
+
+conversations = cast(Table, Conversation.__table__)
+POSTGRESQL: Any = postgresql.asyncpg.dialect()  # type: ignore[no-untyped-call]
+SQLITE: Any = sqlite.dialect()
+INSERT = Prepared(
+    insert(conversations).values(
+        id=bindparam("p_id"),
+        owner_id=bindparam("p_owner"),
+        title=bindparam("p_title"),
+        next_seq=1,
+        created_at=bindparam("p_now"),
+        updated_at=bindparam("p_now"),
+    )
+)
+TITLE = Prepared(select(conversations.c.title).where(conversations.c.id == bindparam("p_id")))
+
+
+def prepared_in(module: ModuleType) -> list[tuple[str, Prepared]]:
+    return [(name, value) for name, value in vars(module).items() if isinstance(value, Prepared)]
+
+
+async def insert_conversation(tx: Tx, conversation_id: uuid.UUID, title: str = "t") -> None:
+    await tx.run(
+        INSERT,
+        {
+            "p_id": conversation_id,
+            "p_owner": LOCAL_PRINCIPAL_ID,
+            "p_title": title,
+            "p_now": utcnow(),
+        },
+    )
+
+
+@pytest.fixture
+async def app_engine(db_url: str, engine: AsyncEngine) -> Any:
+    """An engine built the app's way (`db.create_engine`); `engine` empties the tables."""
+    built = create_engine(DatabaseSettings(_env_file=None, url=db_url, pool_size=2))
+    yield built
+    await built.dispose()
+
+
+class TestPrepared:
+    @pytest.mark.parametrize("dialect", [POSTGRESQL, SQLITE])
+    def test_every_hot_statement_compiles_on_both_backends(self, dialect: Any) -> None:
+        statements = prepared_in(chat_service) + prepared_in(conversations_service)
+
+        for name, statement in statements:
+            compiled = statement.compiled(dialect)
+            assert compiled.sql, name
+            assert len(compiled.names) == len(compiled.processors), name
+
+        assert len(statements) >= 15
+
+    def test_a_column_default_left_to_sqlalchemy_is_refused(self) -> None:
+        # `updated_at` has onupdate=utcnow: on the driver it would be written as NULL.
+        renew = Prepared(update(conversations).values(busy_until=None))
+
+        with pytest.raises(ValueError, match="updated_at"):
+            renew.compiled(POSTGRESQL)
+
+
+class TestRunTransaction:
+    async def test_work_is_committed_and_rows_unpack_as_tuples(
+        self, app_engine: AsyncEngine
+    ) -> None:
+        conversation_id = uuid.uuid4()
+
+        async def work(tx: Tx) -> tuple[Any, ...]:
+            await insert_conversation(tx, conversation_id, "hello")
+            rows = await tx.all(TITLE, {"p_id": conversation_id})
+            first = await tx.first(TITLE, {"p_id": conversation_id})
+            assert first is not None
+            return (*rows[0], *first)
+
+        assert await run_transaction(app_engine, work) == ("hello", "hello")
+        missing = await run_transaction(
+            app_engine, lambda tx: tx.first(TITLE, {"p_id": uuid.uuid4()})
+        )
+        assert missing is None
+        assert await count_rows(app_engine, "conversations") == 1
+
+    async def test_an_error_rolls_everything_back(self, app_engine: AsyncEngine) -> None:
+        async def work(tx: Tx) -> None:
+            await insert_conversation(tx, uuid.uuid4())
+            raise LookupError("after the first statement")
+
+        with pytest.raises(LookupError):
+            await run_transaction(app_engine, work)
+
+        assert await count_rows(app_engine, "conversations") == 0
+
+    async def test_a_duplicate_is_sqlalchemys_integrity_error(
+        self, app_engine: AsyncEngine
+    ) -> None:
+        conversation_id = uuid.uuid4()
+        await run_transaction(app_engine, lambda tx: insert_conversation(tx, conversation_id))
+
+        with pytest.raises(IntegrityError):
+            await run_transaction(app_engine, lambda tx: insert_conversation(tx, conversation_id))
+        with pytest.raises(IntegrityError):
+            await run_transaction(
+                app_engine,
+                lambda tx: insert_conversation(tx, conversation_id),
+                single_statement=True,
+            )
+        assert await count_rows(app_engine, "conversations") == 1
+
+    async def test_a_single_statement_commits_on_its_own(self, app_engine: AsyncEngine) -> None:
+        await run_transaction(
+            app_engine, lambda tx: insert_conversation(tx, uuid.uuid4()), single_statement=True
+        )
+
+        assert await count_rows(app_engine, "conversations") == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+class TestDeadConnections:
+    async def pids(self, engine: AsyncEngine, count: int) -> list[int]:
+        """Check `count` connections out at once, so the pool holds that many, and return
+        their server pids."""
+        pids: list[int] = []
+
+        async def hold(tx: Tx) -> None:
+            row = await tx.first(Prepared(select(text("pg_backend_pid()"))))
+            assert row is not None
+            pids.append(row[0])
+
+        for _ in range(count):
+            await run_transaction(engine, hold)
+        return pids
+
+    async def test_a_connection_closed_by_the_server_is_not_handed_out(
+        self, app_engine: AsyncEngine, engine: AsyncEngine
+    ) -> None:
+        (pid,) = set(await self.pids(app_engine, 1))
+        async with engine.begin() as admin:
+            await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        await asyncio.sleep(0.2)  # asyncpg reads the server's goodbye while idle
+
+        # The checkout hook sees asyncpg's closed connection and the pool opens another.
+        conversation_id = uuid.uuid4()
+        await run_transaction(app_engine, lambda tx: insert_conversation(tx, conversation_id))
+
+        assert await count_rows(app_engine, "conversations") == 1
+        assert pid not in await self.pids(app_engine, 1)
+
+    async def test_a_connection_that_dies_mid_transaction_is_retried_once(
+        self, app_engine: AsyncEngine, engine: AsyncEngine
+    ) -> None:
+        calls = 0
+
+        async def work(tx: Tx) -> None:
+            nonlocal calls
+            calls += 1
+            row = await tx.first(Prepared(select(text("pg_backend_pid()"))))
+            assert row is not None
+            if calls == 1:
+                # Killed while checked out: its next statement finds it closed.
+                async with engine.begin() as admin:
+                    await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": row[0]})
+            await insert_conversation(tx, uuid.uuid4())
+
+        await run_transaction(app_engine, work)
+
+        assert calls == 2
+        assert await count_rows(app_engine, "conversations") == 1
+
+    async def test_a_single_statement_is_not_retried(
+        self, app_engine: AsyncEngine, engine: AsyncEngine
+    ) -> None:
+        calls = 0
+
+        async def work(tx: Tx) -> None:
+            nonlocal calls
+            calls += 1
+            row = await tx.first(Prepared(select(text("pg_backend_pid()"))))
+            assert row is not None
+            async with engine.begin() as admin:
+                await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": row[0]})
+            await insert_conversation(tx, uuid.uuid4())
+
+        with pytest.raises(DBAPIError) as raised:
+            await run_transaction(app_engine, work, single_statement=True)
+
+        assert raised.value.connection_invalidated
+        assert calls == 1

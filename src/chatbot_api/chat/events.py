@@ -29,9 +29,12 @@ that coalesces deltas into fewer, larger frames without changing the text.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from pydantic_core import to_json
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from chatbot_api.chat.outcomes import CREATED, DELTA, TurnEvent
 from chatbot_api.chat.turn import Turn
@@ -70,26 +73,69 @@ def still_needed(event: TurnEvent, have: int | None) -> TurnEvent | None:
     return TurnEvent(DELTA, event.data[have - start :], event.offset)
 
 
-async def sse_stream(turn: Turn, have: int | None = None) -> AsyncIterator[bytes]:
-    """Encode the turn's events until the terminal one, skipping what the client `have`s.
-    Closing this iterator (the client went away) leaves a generating turn running."""
+class EventStream(Response):
+    """The `text/event-stream` response of a turn: its events from `have` characters on.
+
+    An ASGI response of its own rather than a `StreamingResponse`: under uvicorn (ASGI spec
+    2.3) that one runs every stream in an anyio task group, with a second task listening
+    for the disconnect. Here the listener is one plain task whose end stops the stream."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, turn: Turn, have: int | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.turn = turn
+        self.have = have
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        gone = asyncio.ensure_future(_disconnect(receive))
+        try:
+            async for chunk in sse_stream(self.turn, self.have, gone=gone):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not gone.done():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return once the client has gone (any unread request body is drained first)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def sse_stream(
+    turn: Turn, have: int | None = None, *, gone: asyncio.Future[Any] | None = None
+) -> AsyncIterator[bytes]:
+    """Encode the turn's events until the terminal one, skipping what the client `have`s, or
+    until `gone` is done (the client went away). Either way a generating turn goes on."""
     loop = asyncio.get_running_loop()
     index = 0
     ping_due = False
     waiter: asyncio.Future[None] | None = None
     timer: asyncio.TimerHandle | None = None
 
+    def wake(*_: object) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def keepalive() -> None:
         nonlocal ping_due, timer
         ping_due = True
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        wake()
         timer = loop.call_later(KEEPALIVE, keepalive)
 
     # One timer per stream, re-armed every KEEPALIVE seconds, instead of one per wait.
     timer = loop.call_later(KEEPALIVE, keepalive)
+    if gone is not None:
+        gone.add_done_callback(wake)
     try:
-        while True:
+        while gone is None or not gone.done():
             log = turn.log
             end = len(log)
             if end > index:

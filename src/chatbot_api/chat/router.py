@@ -10,7 +10,6 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Request, Response
-from fastapi.sse import EventSourceResponse
 
 from chatbot_api.chat import events
 from chatbot_api.chat.dependencies import ChatDep, MessageIdDep, TurnsDep
@@ -121,7 +120,7 @@ async def send_message(
         )
     )
     if stream:
-        return EventSourceResponse(events.sse_stream(turn), headers=STREAM_HEADERS)
+        return events.EventStream(turn, headers=STREAM_HEADERS)
     outcome = await turn.outcome()
     if isinstance(outcome.data, ChatResponse):
         return model_response(
@@ -139,7 +138,7 @@ async def send_message(
 
 @router.get(
     "/{conversation_id}/messages/{message_id}/stream",
-    # Not `response_class=EventSourceResponse`: that makes FastAPI expect a generator
+    # Not `response_class=`: that makes FastAPI expect a generator
     # endpoint, and the 404 for an unknown reply must be decided before streaming starts.
     responses={200: SSE_200, 404: _error("No such reply.", "not_found")},
     summary="Resume (or replay) the event stream of a reply",
@@ -152,12 +151,12 @@ async def resume_stream(
         str | None,
         Header(description="The `id:` of the last event received: resume after it."),
     ] = None,
-) -> EventSourceResponse:
+) -> events.EventStream:
     """The events the client missed, then the live tail; everything at once if the reply
     has finished. Works whichever server process is generating the reply."""
     turn = await turns.attach(conversation_id, message_id)
     have = events.parse_last_event_id(last_event_id)
-    return EventSourceResponse(events.sse_stream(turn, have), headers=STREAM_HEADERS)
+    return events.EventStream(turn, have, headers=STREAM_HEADERS)
 
 
 @router.post(

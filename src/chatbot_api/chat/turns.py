@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
+import gc
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -70,6 +72,26 @@ PERSIST_BACKOFF_CAP = 2.0
 # How long stopping waits for turns that are cut short to store what they have.
 FINISH_TIMEOUT = 10.0
 REAP_INTERVAL = 30.0
+# Checkpoint ticks with no turn in flight after which freed memory goes back to the system.
+IDLE_TICKS_BEFORE_TRIM = 3
+
+
+def release_freed_memory() -> None:
+    """Once a burst of turns is over: collect, then have glibc hand its free heap pages back
+    to the system (`malloc_trim`), so the RSS falls back near idle rather than staying at
+    the burst's peak. Elsewhere (musl, macOS) only the collection runs."""
+    gc.collect()
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:  # pragma: no cover - no C library to open
+        return None
 
 
 class TurnManager:
@@ -276,12 +298,17 @@ class TurnManager:
         lease = self._lease.total_seconds()
         interval = min(self._settings.reliability.stream_checkpoint_interval, lease / 3)
         renew_at = loop.time() + lease / 3
+        idle_ticks = 0
         while True:
             await asyncio.sleep(interval)
             live = [t for t in self._turns.values() if t.begun is not None and not t.finishing]
             if not live:
                 renew_at = loop.time() + lease / 3
+                idle_ticks += 1
+                if idle_ticks == IDLE_TICKS_BEFORE_TRIM:
+                    release_freed_memory()
                 continue
+            idle_ticks = 0
             partials = [(t, t.text_length) for t in live if t.text_length != t.stored_length]
             claims = None
             if loop.time() >= renew_at:

@@ -122,11 +122,11 @@ def resolve_generation(
 
 
 class Outcome(Protocol):
-    """What a started turn offers the guard: the terminal event, once the reply is stored,
-    and the usage to count, which only the turn that generated the reply hands out, once (a
-    replay or a second reader of the same turn gets None)."""
+    """What a started turn offers the guard: a callback once the reply is stored (at once if
+    it already is), and the usage to count, which only the turn that generated the reply
+    hands out, once (a replay or a second reader of the same turn gets None)."""
 
-    async def outcome(self) -> Any: ...
+    def add_done_callback(self, callback: Callable[[], None]) -> None: ...
 
     def take_usage(self) -> Any: ...
 
@@ -186,14 +186,17 @@ class Generations:
         except BaseException:
             await self._limiter.release(f"streams:{subject}", token)
             raise
+        # Settled when the reply is stored, by a task started then: no task waits per turn.
+        turn.add_done_callback(lambda: self._spawn_settle(turn, subject, token))
+        return turn
+
+    def _spawn_settle(self, turn: Outcome, subject: str, token: str) -> None:
         watcher = asyncio.create_task(self._settle(turn, subject, token), name="limits-settle")
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
-        return turn
 
     async def _settle(self, turn: Outcome, subject: str, token: str) -> None:
         try:
-            await turn.outcome()
             usage = turn.take_usage()
             if usage is not None:
                 day, until_midnight = _today(datetime.now(UTC))

@@ -3,7 +3,9 @@ installed console script."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot_api.cli import build_parser
+from chatbot_api.cli import _max_connections, build_parser, connection_budget_warning
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -131,3 +133,34 @@ class TestConsoleScript:
         assert result.returncode == 0, result.stderr
         assert "serve" in result.stdout
         assert "migrate" in result.stdout
+
+
+class TestConnectionBudget:
+    def test_pools_within_max_connections_are_fine(self) -> None:
+        assert connection_budget_warning(100, workers=2, pool_size=5, max_overflow=5) is None
+        assert connection_budget_warning(25, workers=2, pool_size=5, max_overflow=5) is None
+
+    def test_pools_over_max_connections_are_reported_with_a_size_that_fits(self) -> None:
+        warning = connection_budget_warning(100, workers=8, pool_size=10, max_overflow=5)
+
+        assert warning is not None
+        assert "120 connections" in warning
+        assert "to 11 per worker" in warning
+
+    def test_serve_warns_against_the_live_max_connections(self, postgres_url: str) -> None:
+        limit = asyncio.run(_max_connections(postgres_url, 5.0))
+        assert limit is not None
+        assert limit >= 10
+
+        warning = connection_budget_warning(limit, workers=limit, pool_size=1, max_overflow=0)
+
+        assert warning is not None
+        assert f"allows {limit}" in warning
+        assert asyncio.run(_max_connections(unreachable_postgres(), 1.0)) is None
+
+
+def unreachable_postgres() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/nothing"

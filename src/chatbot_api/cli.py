@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -25,6 +26,42 @@ def _migrate(settings: Settings) -> None:
     migrate.upgrade(settings.db.url)
 
 
+# Connections PostgreSQL keeps for superusers and for the operator's own psql sessions.
+RESERVED_CONNECTIONS = 5
+
+
+def connection_budget_warning(
+    max_connections: int, *, workers: int, pool_size: int, max_overflow: int
+) -> str | None:
+    """Why the workers' pools could exhaust PostgreSQL's `max_connections`, or None."""
+    wanted = workers * (pool_size + max_overflow)
+    room = max_connections - RESERVED_CONNECTIONS
+    if wanted <= room:
+        return None
+    fit = max(1, room // workers)
+    return (
+        f"{workers} workers x (DB_POOL_SIZE={pool_size} + DB_MAX_OVERFLOW={max_overflow}) = "
+        f"{wanted} connections, but PostgreSQL allows {max_connections} "
+        f"({RESERVED_CONNECTIONS} kept for others): under load some requests would fail. "
+        f"Lower DB_POOL_SIZE + DB_MAX_OVERFLOW to {fit} per worker, or raise max_connections."
+    )
+
+
+async def _max_connections(url: str, connect_timeout: float) -> int | None:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        connection = await asyncpg.connect(dsn, timeout=connect_timeout)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return None  # serving will report the database itself
+    try:
+        return int(await connection.fetchval("SHOW max_connections"))
+    finally:
+        await connection.close()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -43,6 +80,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if workers is None:
         # SQLite has one writer: more processes only add lock contention.
         workers = 1 if settings.db.is_sqlite else default_workers()
+    if not settings.db.is_sqlite:
+        limit = asyncio.run(_max_connections(settings.db.url, settings.db.connect_timeout))
+        warning = limit and connection_budget_warning(
+            limit,
+            workers=workers,
+            pool_size=settings.db.pool_size,
+            max_overflow=settings.db.max_overflow,
+        )
+        if warning:
+            logging.getLogger(__name__).warning("%s", warning)
     uvicorn.run(
         "chatbot_api.main:app_factory",
         factory=True,

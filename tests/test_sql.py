@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID
-from chatbot_api.chat import service as chat_service
+from chatbot_api.chat import statements as chat_statements
 from chatbot_api.config import DatabaseSettings
 from chatbot_api.conversations import service as conversations_service
 from chatbot_api.conversations.models import Conversation
@@ -67,7 +67,7 @@ async def app_engine(db_url: str, engine: AsyncEngine) -> Any:
 class TestPrepared:
     @pytest.mark.parametrize("dialect", [POSTGRESQL, SQLITE])
     def test_every_hot_statement_compiles_on_both_backends(self, dialect: Any) -> None:
-        statements = prepared_in(chat_service) + prepared_in(conversations_service)
+        statements = prepared_in(chat_statements) + prepared_in(conversations_service)
 
         for name, statement in statements:
             compiled = statement.compiled(dialect)

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatbot_api.chat.turns import release_freed_memory
 from chatbot_api.conversations.models import Conversation, Message
+from chatbot_api.memory import release_freed_memory
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import send
 from tests.conftest import client_for, create_conversation

@@ -7,9 +7,9 @@
    claim, but only if this turn still holds it.
 
 This is the hot path of the service, so it is SQLAlchemy Core, not ORM entities in a session:
-every statement below is built once, at import, with named parameters, and run as a
-`sql.Prepared` (straight on asyncpg on PostgreSQL, see `chatbot_api.sql`). Functions take the
-transaction first and never commit; `chat.turns` owns the transactions.
+the statements are built once, at import, in `chat.statements`, and run as `sql.Prepared`
+(straight on asyncpg on PostgreSQL, see `chatbot_api.sql`). Functions take the transaction
+first and never commit; `chat.turns` owns the transactions.
 """
 
 from __future__ import annotations
@@ -18,26 +18,19 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from chatbot_api.chat import statements
 from chatbot_api.conversations import service as conversations
-from chatbot_api.conversations.models import (
-    Conversation,
-    IdempotencyKey,
-    Message,
-    MessageRole,
-    MessageStatus,
-)
+from chatbot_api.conversations.models import MessageRole, MessageStatus
 from chatbot_api.db import new_id, utcnow
 from chatbot_api.errors import ContextTooLong, ConversationBusy, IdempotencyConflict, NotFound
 from chatbot_api.llm.base import ChatMessage, Usage
-from chatbot_api.sql import Prepared, Tx
+from chatbot_api.sql import Tx
 
-# Statuses whose text the model saw or the user read: they belong in later context.
-CONTEXT_STATUSES = (MessageStatus.COMPLETED, MessageStatus.INCOMPLETE, MessageStatus.CANCELLED)
 # The first history read usually covers the whole window; later ones widen geometrically.
 FIRST_BATCH = 64
 MAX_BATCH = 1024
@@ -45,134 +38,6 @@ MAX_BATCH = 1024
 CLAIM_ATTEMPTS = 3
 # Tokens the chat template spends around the whole prompt (BOS, assistant header).
 PROMPT_OVERHEAD = 8
-
-conversations_t = cast(Table, Conversation.__table__)
-messages_t = cast(Table, Message.__table__)
-idempotency_t = cast(Table, IdempotencyKey.__table__)
-_c, _m, _i = conversations_t.c, messages_t.c, idempotency_t.c
-
-# Parameter names start with `p_`: SQLAlchemy reserves column names for VALUES / SET.
-_CLAIM = Prepared(
-    update(conversations_t)
-    .where(
-        _c.id == bindparam("p_id"),
-        _c.owner_id == bindparam("p_owner"),
-        or_(_c.busy_until.is_(None), _c.busy_until < bindparam("p_now")),
-    )
-    .values(
-        next_seq=_c.next_seq + 2, busy_until=bindparam("p_until"), updated_at=bindparam("p_now")
-    )
-    .returning(_c.next_seq, _c.system_prompt)
-)
-_BUSY_UNTIL = Prepared(
-    select(_c.busy_until).where(_c.id == bindparam("p_id"), _c.owner_id == bindparam("p_owner"))
-)
-_HISTORY = Prepared(
-    select(_m.seq, _m.role, _m.content, _m.token_count)
-    .where(
-        _m.conversation_id == bindparam("p_conversation"),
-        _m.seq < bindparam("p_before"),
-        # Not `in_()`: its list is expanded at execution, so the SQL would not be fixed.
-        or_(*(_m.status == status for status in CONTEXT_STATUSES)),
-    )
-    .order_by(_m.seq.desc())
-    .limit(bindparam("p_limit"))
-)
-
-
-# Both rows of a turn go in one executemany: one round trip (asyncpg pipelines it, and
-# SQLAlchemy's insertmanyvalues makes it one statement elsewhere).
-_INSERT_MESSAGE = Prepared(
-    insert(messages_t).values(
-        id=bindparam("p_id"),
-        conversation_id=bindparam("p_conversation"),
-        seq=bindparam("p_seq"),
-        role=bindparam("p_role"),
-        content=bindparam("p_content"),
-        status=bindparam("p_status"),
-        token_count=bindparam("p_tokens"),
-        model_used=bindparam("p_model"),
-        created_at=bindparam("p_now"),
-        completed_at=bindparam("p_completed"),
-    )
-)
-_FINISH = Prepared(
-    update(messages_t)
-    .where(_m.id == bindparam("p_id"))
-    .values(
-        content=bindparam("p_content"),
-        status=bindparam("p_status"),
-        token_count=bindparam("p_tokens"),
-        usage=bindparam("p_usage", type_=_m.usage.type),
-        finish_reason=bindparam("p_finish"),
-        error=bindparam("p_error", type_=_m.error.type),
-        model_used=bindparam("p_model"),
-        completed_at=bindparam("p_now"),
-    )
-)
-_RELEASE = Prepared(
-    update(conversations_t)
-    .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
-    .values(busy_until=None, updated_at=bindparam("p_now"))
-)
-_STORE_PARTIAL = Prepared(
-    update(messages_t)
-    .where(_m.id == bindparam("p_id"), _m.status == MessageStatus.STREAMING)
-    .values(content=bindparam("p_content"))
-)
-_RENEW = Prepared(
-    update(conversations_t)
-    .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
-    # A renewed lease is no change of the conversation: `updated_at` stays as it was.
-    .values(busy_until=bindparam("p_until"), updated_at=_c.updated_at)
-)
-# Cancel requests are rare and replies in progress few: the status index finds them at once.
-_CANCEL_REQUESTED = Prepared(
-    select(_m.id).where(_m.status == MessageStatus.STREAMING, _m.cancel_requested_at.is_not(None))
-)
-_REQUEST_CANCEL = Prepared(
-    update(messages_t)
-    .where(_m.id == bindparam("p_id"), _m.status == MessageStatus.STREAMING)
-    .values(cancel_requested_at=bindparam("p_now"))
-)
-_REPLY = Prepared(
-    select(
-        _m.id,
-        _m.conversation_id,
-        _m.seq,
-        _m.role,
-        _m.content,
-        _m.status,
-        _m.model_used,
-        _m.finish_reason,
-        _m.usage,
-        _m.error,
-    ).where(_m.id == bindparam("p_id"))
-)
-_USER_MESSAGE_ID = Prepared(
-    select(_m.id).where(
-        _m.conversation_id == bindparam("p_conversation"), _m.seq == bindparam("p_seq")
-    )
-)
-_IDEMPOTENT = Prepared(
-    select(
-        _i.id, _i.request_hash, _i.conversation_id, _i.assistant_message_id, _i.expires_at
-    ).where(_i.scope == bindparam("p_scope"), _i.key == bindparam("p_key"))
-)
-_FORGET_IDEMPOTENT = Prepared(delete(idempotency_t).where(_i.id == bindparam("p_id")))
-_REMEMBER_IDEMPOTENT = Prepared(
-    insert(idempotency_t).values(
-        id=bindparam("p_id"),
-        scope=bindparam("p_scope"),
-        key=bindparam("p_key"),
-        request_hash=bindparam("p_hash"),
-        conversation_id=bindparam("p_conversation"),
-        user_message_id=bindparam("p_user_message"),
-        assistant_message_id=bindparam("p_reply"),
-        created_at=bindparam("p_now"),
-        expires_at=bindparam("p_expires"),
-    )
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +118,7 @@ async def begin_turn(
     )
     user_id, assistant_id = new_id(), new_id()
     await tx.run_many(
-        _INSERT_MESSAGE,
+        statements.INSERT_MESSAGE,
         [
             {
                 "p_id": user_id,
@@ -305,11 +170,11 @@ async def _claim(
     Returns the new `next_seq` and the conversation's system prompt."""
     params = {"p_id": conversation_id, "p_owner": owner_id, "p_now": now, "p_until": now + lease}
     for _ in range(CLAIM_ATTEMPTS):
-        claimed = await tx.first(_CLAIM, params)
+        claimed = await tx.first(statements.CLAIM, params)
         if claimed is not None:
             next_seq, system_prompt = claimed
             return next_seq, system_prompt
-        found = await tx.first(_BUSY_UNTIL, params)
+        found = await tx.first(statements.BUSY_UNTIL, params)
         if found is None:
             raise conversations.conversation_not_found()
         busy_until: datetime | None = found[0]
@@ -343,7 +208,8 @@ async def _read_history(
     assistant = MessageRole.ASSISTANT.value
     while True:
         rows = await tx.all(
-            _HISTORY, {"p_conversation": conversation_id, "p_before": cursor, "p_limit": batch}
+            statements.HISTORY,
+            {"p_conversation": conversation_id, "p_before": cursor, "p_limit": batch},
         )
         for seq, role, content, tokens in rows:
             cost = tokens + per_message
@@ -380,7 +246,7 @@ async def finish_turn(
     our claim expired (then its `next_seq` has moved on and the release is a no-op)."""
     now = utcnow()
     await tx.run(
-        _FINISH,
+        statements.FINISH,
         {
             "p_id": turn.assistant_message_id,
             "p_content": content,
@@ -399,14 +265,17 @@ async def finish_turn(
             "p_now": now,
         },
     )
-    await tx.run(_RELEASE, {"p_id": turn.conversation_id, "p_claim": turn.claim_seq, "p_now": now})
+    await tx.run(
+        statements.RELEASE, {"p_id": turn.conversation_id, "p_claim": turn.claim_seq, "p_now": now}
+    )
 
 
 async def store_partials(tx: Tx, partials: Sequence[tuple[uuid.UUID, str]]) -> None:
     """Store the text so far of replies still `streaming`: (reply id, text) pairs, one
     round trip for all of them."""
     await tx.run_many(
-        _STORE_PARTIAL, [{"p_id": reply_id, "p_content": text} for reply_id, text in partials]
+        statements.STORE_PARTIAL,
+        [{"p_id": reply_id, "p_content": text} for reply_id, text in partials],
     )
 
 
@@ -417,28 +286,29 @@ async def renew_claims(
     that a later turn has taken over (its seq moved on) is left alone."""
     until = utcnow() + lease
     await tx.run_many(
-        _RENEW, [{"p_id": cid, "p_claim": seq, "p_until": until} for cid, seq in claims]
+        statements.RENEW, [{"p_id": cid, "p_claim": seq, "p_until": until} for cid, seq in claims]
     )
 
 
 async def cancel_requested(tx: Tx) -> set[uuid.UUID]:
     """Replies still generating that someone asked to cancel (in any process)."""
-    return {row[0] for row in await tx.all(_CANCEL_REQUESTED)}
+    return {row[0] for row in await tx.all(statements.CANCEL_REQUESTED)}
 
 
 async def request_cancel(tx: Tx, *, reply_id: uuid.UUID) -> None:
     """Ask the process generating the reply to stop (it polls at each checkpoint)."""
-    await tx.run(_REQUEST_CANCEL, {"p_id": reply_id, "p_now": utcnow()})
+    await tx.run(statements.REQUEST_CANCEL, {"p_id": reply_id, "p_now": utcnow()})
 
 
 async def reap_orphans(conn: AsyncConnection, *, now: datetime | None = None) -> int:
     """Mark `streaming` replies whose turn can no longer finish as `incomplete`: their
     conversation's claim has lapsed (the process died), so nobody will ever store them."""
     now = now or utcnow()
-    lapsed = select(_c.id).where(or_(_c.busy_until.is_(None), _c.busy_until < now))
+    c, m, i = statements.conversations_t.c, statements.messages_t.c, statements.idempotency_t.c
+    lapsed = select(c.id).where(or_(c.busy_until.is_(None), c.busy_until < now))
     result = await conn.execute(
-        update(messages_t)
-        .where(_m.status == MessageStatus.STREAMING, _m.conversation_id.in_(lapsed))
+        update(statements.messages_t)
+        .where(m.status == MessageStatus.STREAMING, m.conversation_id.in_(lapsed))
         .values(
             status=MessageStatus.INCOMPLETE,
             completed_at=now,
@@ -450,12 +320,12 @@ async def reap_orphans(conn: AsyncConnection, *, now: datetime | None = None) ->
             },
         )
     )
-    await conn.execute(delete(idempotency_t).where(_i.expires_at < now))
+    await conn.execute(delete(statements.idempotency_t).where(i.expires_at < now))
     return int(result.rowcount or 0)
 
 
 async def load_stored_reply(tx: Tx, reply_id: uuid.UUID) -> StoredReply | None:
-    row = await tx.first(_REPLY, {"p_id": reply_id})
+    row = await tx.first(statements.REPLY, {"p_id": reply_id})
     return None if row is None else StoredReply(*row)
 
 
@@ -471,7 +341,7 @@ async def load_reply(
     ):
         raise NotFound("Message not found.")
     user = await tx.first(
-        _USER_MESSAGE_ID, {"p_conversation": conversation_id, "p_seq": message.seq - 1}
+        statements.USER_MESSAGE_ID, {"p_conversation": conversation_id, "p_seq": message.seq - 1}
     )
     return message, user[0] if user is not None else message.id
 
@@ -486,12 +356,12 @@ class IdempotentRequest:
 async def find_idempotent(tx: Tx, request: IdempotentRequest) -> tuple[uuid.UUID, uuid.UUID] | None:
     """The (conversation id, reply id) of a live earlier request with this key;
     `IdempotencyConflict` if that request had a different body."""
-    record = await tx.first(_IDEMPOTENT, {"p_scope": request.scope, "p_key": request.key})
+    record = await tx.first(statements.IDEMPOTENT, {"p_scope": request.scope, "p_key": request.key})
     if record is None:
         return None
     record_id, request_hash, conversation_id, reply_id, expires_at = record
     if expires_at < utcnow():
-        await tx.run(_FORGET_IDEMPOTENT, {"p_id": record_id})
+        await tx.run(statements.FORGET_IDEMPOTENT, {"p_id": record_id})
         return None
     if request_hash != request.request_hash:
         raise IdempotencyConflict(
@@ -505,7 +375,7 @@ async def remember_idempotent(
 ) -> None:
     now = utcnow()
     await tx.run(
-        _REMEMBER_IDEMPOTENT,
+        statements.REMEMBER_IDEMPOTENT,
         {
             "p_id": new_id(),
             "p_scope": request.scope,

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
-import gc
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -61,6 +59,7 @@ from chatbot_api.errors import (
 )
 from chatbot_api.llm.base import Finish, GenerationOptions, Provider, Routed, TextDelta, Usage
 from chatbot_api.llm.errors import ProviderError, ProviderUnavailable
+from chatbot_api.memory import release_freed_memory
 from chatbot_api.sql import Tx, run_transaction
 
 logger = logging.getLogger(__name__)
@@ -74,24 +73,6 @@ FINISH_TIMEOUT = 10.0
 REAP_INTERVAL = 30.0
 # Checkpoint ticks with no turn in flight after which freed memory goes back to the system.
 IDLE_TICKS_BEFORE_TRIM = 3
-
-
-def release_freed_memory() -> None:
-    """Once a burst of turns is over: collect, then have glibc hand its free heap pages back
-    to the system (`malloc_trim`), so the RSS falls back near idle rather than staying at
-    the burst's peak. Elsewhere (musl, macOS) only the collection runs."""
-    gc.collect()
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None)
-    except OSError:  # pragma: no cover - no C library to open
-        return None
 
 
 class TurnManager:

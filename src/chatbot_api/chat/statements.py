@@ -1,0 +1,148 @@
+"""The prepared SQL of a turn (`sql.Prepared`): every statement `chat.service` runs on the
+hot path, built once at import with named parameters (`p_*`: SQLAlchemy reserves the column
+names for VALUES and SET). See `chatbot_api.sql` for how they run."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
+
+from chatbot_api.conversations.models import (
+    Conversation,
+    IdempotencyKey,
+    Message,
+    MessageStatus,
+)
+from chatbot_api.sql import Prepared
+
+# Statuses whose text the model saw or the user read: they belong in later context.
+CONTEXT_STATUSES = (MessageStatus.COMPLETED, MessageStatus.INCOMPLETE, MessageStatus.CANCELLED)
+
+conversations_t = cast(Table, Conversation.__table__)
+messages_t = cast(Table, Message.__table__)
+idempotency_t = cast(Table, IdempotencyKey.__table__)
+_c, _m, _i = conversations_t.c, messages_t.c, idempotency_t.c
+
+# Parameter names start with `p_`: SQLAlchemy reserves column names for VALUES / SET.
+CLAIM = Prepared(
+    update(conversations_t)
+    .where(
+        _c.id == bindparam("p_id"),
+        _c.owner_id == bindparam("p_owner"),
+        or_(_c.busy_until.is_(None), _c.busy_until < bindparam("p_now")),
+    )
+    .values(
+        next_seq=_c.next_seq + 2, busy_until=bindparam("p_until"), updated_at=bindparam("p_now")
+    )
+    .returning(_c.next_seq, _c.system_prompt)
+)
+BUSY_UNTIL = Prepared(
+    select(_c.busy_until).where(_c.id == bindparam("p_id"), _c.owner_id == bindparam("p_owner"))
+)
+HISTORY = Prepared(
+    select(_m.seq, _m.role, _m.content, _m.token_count)
+    .where(
+        _m.conversation_id == bindparam("p_conversation"),
+        _m.seq < bindparam("p_before"),
+        # Not `in_()`: its list is expanded at execution, so the SQL would not be fixed.
+        or_(*(_m.status == status for status in CONTEXT_STATUSES)),
+    )
+    .order_by(_m.seq.desc())
+    .limit(bindparam("p_limit"))
+)
+
+
+# Both rows of a turn go in one executemany: one round trip (asyncpg pipelines it, and
+# SQLAlchemy's insertmanyvalues makes it one statement elsewhere).
+INSERT_MESSAGE = Prepared(
+    insert(messages_t).values(
+        id=bindparam("p_id"),
+        conversation_id=bindparam("p_conversation"),
+        seq=bindparam("p_seq"),
+        role=bindparam("p_role"),
+        content=bindparam("p_content"),
+        status=bindparam("p_status"),
+        token_count=bindparam("p_tokens"),
+        model_used=bindparam("p_model"),
+        created_at=bindparam("p_now"),
+        completed_at=bindparam("p_completed"),
+    )
+)
+FINISH = Prepared(
+    update(messages_t)
+    .where(_m.id == bindparam("p_id"))
+    .values(
+        content=bindparam("p_content"),
+        status=bindparam("p_status"),
+        token_count=bindparam("p_tokens"),
+        usage=bindparam("p_usage", type_=_m.usage.type),
+        finish_reason=bindparam("p_finish"),
+        error=bindparam("p_error", type_=_m.error.type),
+        model_used=bindparam("p_model"),
+        completed_at=bindparam("p_now"),
+    )
+)
+RELEASE = Prepared(
+    update(conversations_t)
+    .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
+    .values(busy_until=None, updated_at=bindparam("p_now"))
+)
+STORE_PARTIAL = Prepared(
+    update(messages_t)
+    .where(_m.id == bindparam("p_id"), _m.status == MessageStatus.STREAMING)
+    .values(content=bindparam("p_content"))
+)
+RENEW = Prepared(
+    update(conversations_t)
+    .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
+    # A renewed lease is no change of the conversation: `updated_at` stays as it was.
+    .values(busy_until=bindparam("p_until"), updated_at=_c.updated_at)
+)
+# Cancel requests are rare and replies in progress few: the status index finds them at once.
+CANCEL_REQUESTED = Prepared(
+    select(_m.id).where(_m.status == MessageStatus.STREAMING, _m.cancel_requested_at.is_not(None))
+)
+REQUEST_CANCEL = Prepared(
+    update(messages_t)
+    .where(_m.id == bindparam("p_id"), _m.status == MessageStatus.STREAMING)
+    .values(cancel_requested_at=bindparam("p_now"))
+)
+REPLY = Prepared(
+    select(
+        _m.id,
+        _m.conversation_id,
+        _m.seq,
+        _m.role,
+        _m.content,
+        _m.status,
+        _m.model_used,
+        _m.finish_reason,
+        _m.usage,
+        _m.error,
+    ).where(_m.id == bindparam("p_id"))
+)
+USER_MESSAGE_ID = Prepared(
+    select(_m.id).where(
+        _m.conversation_id == bindparam("p_conversation"), _m.seq == bindparam("p_seq")
+    )
+)
+IDEMPOTENT = Prepared(
+    select(
+        _i.id, _i.request_hash, _i.conversation_id, _i.assistant_message_id, _i.expires_at
+    ).where(_i.scope == bindparam("p_scope"), _i.key == bindparam("p_key"))
+)
+FORGET_IDEMPOTENT = Prepared(delete(idempotency_t).where(_i.id == bindparam("p_id")))
+REMEMBER_IDEMPOTENT = Prepared(
+    insert(idempotency_t).values(
+        id=bindparam("p_id"),
+        scope=bindparam("p_scope"),
+        key=bindparam("p_key"),
+        request_hash=bindparam("p_hash"),
+        conversation_id=bindparam("p_conversation"),
+        user_message_id=bindparam("p_user_message"),
+        assistant_message_id=bindparam("p_reply"),
+        created_at=bindparam("p_now"),
+        expires_at=bindparam("p_expires"),
+    )
+)

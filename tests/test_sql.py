@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any, cast
 
@@ -138,28 +139,42 @@ class TestRunTransaction:
         assert await count_rows(app_engine, "conversations") == 1
 
 
+BACKEND_PID = Prepared(select(text("pg_backend_pid()")))
+
+
+async def backend_pid(tx: Tx) -> int:
+    row = await tx.first(BACKEND_PID)
+    assert row is not None
+    pid: int = row[0]
+    return pid
+
+
+async def terminate(engine: AsyncEngine, pid: int) -> None:
+    """What a PostgreSQL restart does to a connection, done to one alone."""
+    async with engine.begin() as admin:
+        await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+
+def killed_once(engine: AsyncEngine, calls: list[int]) -> Callable[[Tx], Awaitable[None]]:
+    """Work whose first run has its connection killed between two statements."""
+
+    async def work(tx: Tx) -> None:
+        calls.append(1)
+        pid = await backend_pid(tx)
+        if len(calls) == 1:
+            await terminate(engine, pid)
+        await insert_conversation(tx, uuid.uuid4())
+
+    return work
+
+
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 class TestDeadConnections:
-    async def pids(self, engine: AsyncEngine, count: int) -> list[int]:
-        """Check `count` connections out at once, so the pool holds that many, and return
-        their server pids."""
-        pids: list[int] = []
-
-        async def hold(tx: Tx) -> None:
-            row = await tx.first(Prepared(select(text("pg_backend_pid()"))))
-            assert row is not None
-            pids.append(row[0])
-
-        for _ in range(count):
-            await run_transaction(engine, hold)
-        return pids
-
     async def test_a_connection_closed_by_the_server_is_not_handed_out(
         self, app_engine: AsyncEngine, engine: AsyncEngine
     ) -> None:
-        (pid,) = set(await self.pids(app_engine, 1))
-        async with engine.begin() as admin:
-            await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        pid = await run_transaction(app_engine, backend_pid)
+        await terminate(engine, pid)
         await asyncio.sleep(0.2)  # asyncpg reads the server's goodbye while idle
 
         # The checkout hook sees asyncpg's closed connection and the pool opens another.
@@ -167,45 +182,26 @@ class TestDeadConnections:
         await run_transaction(app_engine, lambda tx: insert_conversation(tx, conversation_id))
 
         assert await count_rows(app_engine, "conversations") == 1
-        assert pid not in await self.pids(app_engine, 1)
+        assert await run_transaction(app_engine, backend_pid) != pid
 
     async def test_a_connection_that_dies_mid_transaction_is_retried_once(
         self, app_engine: AsyncEngine, engine: AsyncEngine
     ) -> None:
-        calls = 0
+        calls: list[int] = []
 
-        async def work(tx: Tx) -> None:
-            nonlocal calls
-            calls += 1
-            row = await tx.first(Prepared(select(text("pg_backend_pid()"))))
-            assert row is not None
-            if calls == 1:
-                # Killed while checked out: its next statement finds it closed.
-                async with engine.begin() as admin:
-                    await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": row[0]})
-            await insert_conversation(tx, uuid.uuid4())
+        await run_transaction(app_engine, killed_once(engine, calls))
 
-        await run_transaction(app_engine, work)
-
-        assert calls == 2
+        assert len(calls) == 2
         assert await count_rows(app_engine, "conversations") == 1
 
     async def test_a_single_statement_is_not_retried(
         self, app_engine: AsyncEngine, engine: AsyncEngine
     ) -> None:
-        calls = 0
-
-        async def work(tx: Tx) -> None:
-            nonlocal calls
-            calls += 1
-            row = await tx.first(Prepared(select(text("pg_backend_pid()"))))
-            assert row is not None
-            async with engine.begin() as admin:
-                await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": row[0]})
-            await insert_conversation(tx, uuid.uuid4())
+        calls: list[int] = []
 
         with pytest.raises(DBAPIError) as raised:
-            await run_transaction(app_engine, work, single_statement=True)
+            await run_transaction(app_engine, killed_once(engine, calls), single_statement=True)
 
         assert raised.value.connection_invalidated
-        assert calls == 1
+        assert len(calls) == 1
+        assert await count_rows(app_engine, "conversations") == 0

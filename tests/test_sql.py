@@ -205,3 +205,21 @@ class TestDeadConnections:
         assert raised.value.connection_invalidated
         assert len(calls) == 1
         assert await count_rows(app_engine, "conversations") == 0
+
+    async def test_a_transaction_cut_by_a_cancel_leaves_no_transaction_open_in_the_pool(
+        self, app_engine: AsyncEngine, engine: AsyncEngine
+    ) -> None:
+        async def slow(tx: Tx) -> None:
+            await insert_conversation(tx, uuid.uuid4())
+            await tx.run(Prepared(select(text("pg_sleep(5)"))))
+
+        cut = asyncio.create_task(run_transaction(app_engine, slow))
+        await asyncio.sleep(0.5)
+        cut.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cut
+
+        # Whichever connection the pool hands out next, its work is really committed.
+        for _ in range(3):
+            await run_transaction(app_engine, lambda tx: insert_conversation(tx, uuid.uuid4()))
+        assert await count_rows(engine, "conversations") == 3

@@ -225,7 +225,10 @@ async def run_transaction(
                 broken = isinstance(error, DBAPIError) and error.connection_invalidated
                 raise error from exc
             finally:
-                if broken or driver.is_closed():
+                # Still in a transaction here would mean its ROLLBACK could not run: such a
+                # connection must not go back to the pool as it is (asyncpg does roll back a
+                # cancelled one; this guards the cases it cannot).
+                if broken or driver.is_closed() or driver.is_in_transaction():
                     await greenlet_spawn(pooled.invalidate)
                 await greenlet_spawn(pooled.close)  # back to the pool
             return result

@@ -7,14 +7,17 @@ import asyncio
 import os
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatbot_api.conversations.models import Conversation, Message
+from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID
+from chatbot_api.chat import service
+from chatbot_api.conversations.models import Conversation, Message, MessageStatus
 from chatbot_api.memory import release_freed_memory
+from chatbot_api.sql import run_transaction
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import send
 from tests.conftest import client_for, create_conversation
@@ -86,3 +89,55 @@ class TestReleaseFreedMemory:
 
         assert before - rss_mb() > 100, (before, rss_mb())
         assert len(kept) == 4_000
+
+
+class TestRenewal:
+    async def test_a_claim_released_before_its_renewal_stays_released(
+        self, engine: AsyncEngine
+    ) -> None:
+        # The checkpointer collects the claims, then the turn finishes and releases its
+        # conversation, then the checkpoint's transaction runs: it must not claim it again.
+        async with engine.begin() as connection:
+            conversation_id = uuid.uuid4()
+            await connection.execute(
+                insert(Conversation).values(
+                    id=conversation_id, owner_id=LOCAL_PRINCIPAL_ID, next_seq=1
+                )
+            )
+        budget = service.TokenBudget(4096, 512, 4, lambda text: len(text) // 4 + 1)
+        begun = await run_transaction(
+            engine,
+            lambda tx: service.begin_turn(
+                tx,
+                conversation_id=conversation_id,
+                owner_id=LOCAL_PRINCIPAL_ID,
+                text="hello",
+                text_tokens=2,
+                budget=budget,
+                default_system_prompt="Be brief.",
+                model_used="m",
+                lease=timedelta(seconds=60),
+            ),
+        )
+        claims = [(begun.conversation_id, begun.claim_seq)]
+        await run_transaction(
+            engine,
+            lambda tx: service.finish_turn(
+                tx,
+                turn=begun,
+                content="Hi.",
+                status=MessageStatus.COMPLETED,
+                token_count=1,
+                usage=None,
+                finish_reason="stop",
+                error=None,
+                model_used="m",
+            ),
+        )
+
+        await run_transaction(
+            engine, lambda tx: service.renew_claims(tx, claims, lease=timedelta(seconds=60))
+        )
+
+        busy_until, _ = await claim_and_partial(engine, str(conversation_id))
+        assert busy_until is None

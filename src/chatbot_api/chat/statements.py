@@ -95,7 +95,12 @@ STORE_PARTIAL = Prepared(
 )
 RENEW = Prepared(
     update(conversations_t)
-    .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
+    .where(
+        _c.id == bindparam("p_id"),
+        _c.next_seq == bindparam("p_claim"),
+        # A turn that finished (released) while the checkpoint was on its way stays released.
+        _c.busy_until.is_not(None),
+    )
     # A renewed lease is no change of the conversation: `updated_at` stays as it was.
     .values(busy_until=bindparam("p_until"), updated_at=_c.updated_at)
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -165,6 +166,17 @@ def make_settings(db_url: str, fake_llm: FakeLLM) -> SettingsFactory:
         )
 
     return factory
+
+
+async def aiosqlite_threads_finished() -> None:
+    """Wait, with the event loop still running, for aiosqlite's worker threads to end (call it
+    once every engine is disposed: an open connection's thread runs until it closes). After
+    a failed connect aiosqlite posts the end of its thread to the loop from that thread; if
+    the test's loop is closed first, the thread dies with "Event loop is closed", and pytest
+    blames whichever test runs then."""
+    workers = [t for t in threading.enumerate() if "_connection_worker_thread" in t.name]
+    for worker in workers:
+        await asyncio.to_thread(worker.join, 5.0)
 
 
 AppFactory = Callable[..., Any]

@@ -19,7 +19,13 @@ from chatbot_api.config import (
 )
 from chatbot_api.main import create_app
 from chatbot_api.testing.fake_llm import FakeLLM
-from tests.conftest import FAKE_KEY, TEST_SERVER_SECRET, AppFactory, client_for
+from tests.conftest import (
+    FAKE_KEY,
+    TEST_SERVER_SECRET,
+    AppFactory,
+    aiosqlite_threads_finished,
+    client_for,
+)
 
 UNREACHABLE_DATABASES = [
     "postgresql+asyncpg://postgres@127.0.0.1:1/x",
@@ -38,6 +44,7 @@ async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     async with app.router.lifespan_context(app), client_for(app) as http:
         yield http
+    await aiosqlite_threads_finished()
 
 
 def settings_with_database(url: str, fake_llm: FakeLLM) -> Settings:

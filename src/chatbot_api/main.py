@@ -6,7 +6,6 @@ import time; `app_factory()` is what `chatbot-api serve` hands to uvicorn.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import threading
@@ -32,8 +31,6 @@ from chatbot_api.llm.resilient import ResilientProvider, RetryPolicy
 from chatbot_api.middleware import BodySizeLimit
 
 logger = logging.getLogger(__name__)
-
-GC_THRESHOLD_0 = 20_000
 
 # Context windows of the default hosted models, used unless LLM_CONTEXT_WINDOW is set.
 GROQ_CONTEXT_WINDOW = 131_072
@@ -124,11 +121,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             create_admin_key=settings.auth.mode == "enabled" and settings.auth.bootstrap_admin_key,
         )
         _flip_readiness_on_sigterm(app)
-        # Everything allocated so far lives as long as the process: keep it out of the
-        # collector's scans (`gc.freeze`), which otherwise walk it on every full collection.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD_0, 10, 10)
         reaper = asyncio.create_task(turns.reap_forever(), name="reaper")
         checkpointer = asyncio.create_task(turns.checkpoint_forever(), name="checkpointer")
         logger.info("serving with provider=%s model=%s", provider.name, provider.model)

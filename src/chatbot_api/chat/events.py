@@ -92,7 +92,9 @@ class EventStream(Response):
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
         gone = asyncio.ensure_future(_disconnect(receive))
         try:
             async for chunk in sse_stream(self.turn, self.have, gone=gone):

@@ -43,7 +43,6 @@ class Turn:
     model_used: str
     begun: service.BegunTurn | None = None
     log: list[TurnEvent] = field(default_factory=list)
-    parts: list[str] = field(default_factory=list)
     text_length: int = 0
     # How much of the text the last checkpoint stored (`chat.turns`).
     stored_length: int = 0
@@ -86,12 +85,12 @@ class Turn:
                     logger.exception("a turn's done callback failed")
 
     def publish_delta(self, text: str) -> None:
-        self.parts.append(text)
         self.text_length += len(text)
         self.publish(TurnEvent(DELTA, text, self.text_length))
 
     def text(self) -> str:
-        return "".join(self.parts)
+        """The reply so far: the deltas of the log (the only events whose data is text)."""
+        return "".join(e.data for e in self.log if isinstance(e.data, str))
 
     def waiter(self) -> asyncio.Future[None]:
         """A future resolved at the next publish. The caller may resolve it itself (a

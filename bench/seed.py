@@ -72,6 +72,24 @@ async def migrate(name: str) -> None:
         raise RuntimeError(f"chatbot-api migrate failed:\n{out.decode()}")
 
 
+async def create_key(name: str, *, user: str = "local") -> str:
+    """A new API key for `user` (`chatbot-api keys create`), for the phases that measure the
+    request path with authentication on. The seeded conversations belong to `local`."""
+    process = await asyncio.create_subprocess_exec(
+        PYTHON,
+        *("-m", "chatbot_api.cli", "keys", "create", "--name", "bench", "--user", user),
+        cwd=LOGS,
+        env=clean_environ()
+        | {"DATABASE_URL": app_url(name), "LOG_LEVEL": "WARNING", "ENVIRONMENT": "development"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 120)
+    if process.returncode != 0:
+        raise RuntimeError(f"chatbot-api keys create failed:\n{out.decode()}")
+    return out.decode().strip().splitlines()[-1]
+
+
 def sentence(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
 

@@ -2,7 +2,9 @@
 statements (`bench/reference_app.py`), measured in the same run.
 
 Closed loop, fixed counts, interleaved A/B/A/B, one worker each, same fake LLM (zero latency),
-same pool size. Create-conversation is compared the same way, for information.
+same pool size. Create-conversation is compared the same way, for information, and so is a
+send through a second app with API-key authentication on (`AUTH_MODE=enabled`, the default):
+the target is taken with it off, as the reference authenticates nobody.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 from bench.common import Bench, Job, create, interleave, invalid, send
 from bench.results import Target, merge, pct_ms
-from bench.seed import dsn
+from bench.seed import create_key, dsn
 from bench.servers import FakeConfig, Proc, start_reference
 
 
@@ -40,16 +42,22 @@ async def run(b: Bench) -> None:
     async with b.scope() as reg:
         fake = await b.fake(reg, "s8-fake", FakeConfig())
         app = await b.app(reg, "s8-app", fake, pool=(10, 0))
+        keyed = await b.app(reg, "s8-app-keys", fake, pool=(10, 0), env={"AUTH_MODE": "enabled"})
+        key = await create_key(b.db)
         fake_url = f"http://127.0.0.1:{fake.port}/v1"
         ref = await start_reference(reg, "s8-reference", dsn(b.db), fake_url)
         await b.warm(app, count=b.n(500, 200))
         await b.warm(ref, count=b.n(500, 200))
+        warm = send(keyed, b.conversations, count=b.n(500, 200), concurrency=8)
+        await b.job([warm | {"bearer": key}])
         count, conc, rounds = b.n(3000, 600), 16, b.n(2, 1)
         cap = b.n(15, 4)  # seconds
 
-        def sender(proc: Proc) -> Any:
+        def sender(proc: Proc, bearer: str | None = None) -> Any:
             async def go() -> Job:
                 spec = send(proc, b.conversations, count=count, concurrency=conc, duration_s=cap)
+                if bearer is not None:
+                    spec["bearer"] = bearer
                 return await b.job([spec], cpu={"server": proc})
 
             return go
@@ -63,7 +71,10 @@ async def run(b: Bench) -> None:
 
             return go
 
-        sends = await interleave(rounds, {"reference": sender(ref), "app": sender(app)})
+        sends = await interleave(
+            rounds,
+            {"reference": sender(ref), "app": sender(app), "app, API key": sender(keyed, key)},
+        )
         creates = await interleave(rounds, {"reference": creator(ref), "app": creator(app)})
 
     app_cpu, ref_cpu = cpu_per_ok(sends["app"], "server"), cpu_per_ok(sends["reference"], "server")
@@ -82,11 +93,19 @@ async def run(b: Bench) -> None:
         "create conversation (information)",
         f"app {c_app:.0f} us vs reference {c_ref:.0f} us per request ({c_app / c_ref:.2f}x)",
     )
+    keyed_cpu = cpu_per_ok(sends["app, API key"], "server")
+    b.results.detail(
+        8,
+        "send with API-key auth on (information)",
+        f"app {keyed_cpu:.0f} us vs {app_cpu:.0f} us per turn with auth off "
+        f"(+{keyed_cpu - app_cpu:.0f} us); {keyed_cpu / ref_cpu:.2f}x the reference",
+    )
     b.results.detail(
         8,
         "send phases",
         phase_rows("reference", sends["reference"], "server")
-        + phase_rows("app", sends["app"], "server"),
+        + phase_rows("app", sends["app"], "server")
+        + phase_rows("app, API key", sends["app, API key"], "server"),
     )
     b.results.detail(
         8,
@@ -94,4 +113,9 @@ async def run(b: Bench) -> None:
         phase_rows("reference", creates["reference"], "server")
         + phase_rows("app", creates["app"], "server"),
     )
-    b.shared["s8"] = {"app_send_us": app_cpu, "ref_send_us": ref_cpu, "app_create_us": c_app}
+    b.shared["s8"] = {
+        "app_send_us": app_cpu,
+        "ref_send_us": ref_cpu,
+        "app_create_us": c_app,
+        "app_send_with_key_us": keyed_cpu,
+    }

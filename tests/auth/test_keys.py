@@ -4,7 +4,7 @@ stored, lookups by that hash, and keys that expire or are revoked."""
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from fastapi import FastAPI
@@ -15,7 +15,19 @@ from chatbot_api.auth import keys, service
 from chatbot_api.auth.models import KeyScope
 from chatbot_api.db import utcnow
 from chatbot_api.errors import InvalidApiKey
+from chatbot_api.sql import run_transaction
 from tests.conftest import TEST_SERVER_SECRET
+
+
+async def authenticate(
+    app: FastAPI, secret: str, server_secret: str, *, now: datetime | None = None
+) -> service.KeyHolder:
+    """`service.authenticate` as the auth dependency runs it: one statement on the pool."""
+    return await run_transaction(
+        app.state.engine,
+        lambda tx: service.authenticate(tx, secret=secret, server_secret=server_secret, now=now),
+        single_statement=True,
+    )
 
 
 class TestKeyMaterial:
@@ -92,11 +104,36 @@ class TestStorage:
                 scope=KeyScope.ADMIN,
                 server_secret=TEST_SERVER_SECRET,
             )
-            key, principal = await service.authenticate(
-                session, secret=issued.secret, server_secret=TEST_SERVER_SECRET
+        holder = await authenticate(app, issued.secret, TEST_SERVER_SECRET)
+
+        assert holder == service.KeyHolder(
+            key_id=issued.key.id,
+            principal_id=issued.principal.id,
+            principal_name="bob",
+            scope=KeyScope.ADMIN,
+            requests_per_minute=None,
+            concurrent_streams=None,
+            tokens_per_day=None,
+        )
+
+    async def test_authenticate_reads_the_keys_own_limits(self, app: FastAPI) -> None:
+        async with app.state.sessionmaker.begin() as session:
+            issued = await service.create_key(
+                session,
+                user="erin",
+                name="capped",
+                scope=KeyScope.USER,
+                server_secret=TEST_SERVER_SECRET,
+                requests_per_minute=7,
+                concurrent_streams=2,
+                tokens_per_day=9000,
             )
 
-        assert (key.id, principal.name, key.scope) == (issued.key.id, "bob", "admin")
+        holder = await authenticate(app, issued.secret, TEST_SERVER_SECRET)
+
+        assert (holder.scope, holder.principal_name) == (KeyScope.USER, "erin")
+        assert (holder.requests_per_minute, holder.concurrent_streams) == (7, 2)
+        assert holder.tokens_per_day == 9000
 
     async def test_the_same_user_gets_one_principal_for_many_keys(self, app: FastAPI) -> None:
         async with app.state.sessionmaker.begin() as session:
@@ -134,9 +171,23 @@ class TestStorage:
             )
             if change == "revoke":
                 await service.revoke_key(session, issued.key.id)
-            now = utcnow() + (timedelta(minutes=6) if change == "expire" else timedelta())
-            secret = "another-server-secret" if change == "other-secret" else TEST_SERVER_SECRET
-            with pytest.raises(InvalidApiKey, match=message):
-                await service.authenticate(
-                    session, secret=issued.secret, server_secret=secret, now=now
-                )
+        now = utcnow() + (timedelta(minutes=6) if change == "expire" else timedelta())
+        secret = "another-server-secret" if change == "other-secret" else TEST_SERVER_SECRET
+        with pytest.raises(InvalidApiKey, match=message):
+            await authenticate(app, issued.secret, secret, now=now)
+
+    async def test_a_key_is_live_until_it_expires(self, app: FastAPI) -> None:
+        async with app.state.sessionmaker.begin() as session:
+            issued = await service.create_key(
+                session,
+                user="frank",
+                name="k",
+                scope=KeyScope.USER,
+                server_secret=TEST_SERVER_SECRET,
+                expires_in=timedelta(minutes=5),
+            )
+
+        soon = utcnow() + timedelta(minutes=4)
+        holder = await authenticate(app, issued.secret, TEST_SERVER_SECRET, now=soon)
+
+        assert holder.key_id == issued.key.id

@@ -3,16 +3,17 @@ request rate. Every API route depends on it (directly or through a dependency th
 rows), so a route cannot be served to an unknown caller.
 
 In order: a key in the query string is refused; a client with too many recent bad keys gets
-429 before its key is even looked at; the key is looked up by its hash in a short session of
-its own (never the request's, so a streaming route holds no connection); a bad key is counted
-against the client; then the request counts against the key's per-minute limit, whose state
-goes out as `x-ratelimit-*-requests` headers (see `security.SecurityHeaders`).
+429 before its key is even looked at; the key is looked up by its hash, one prepared
+statement on a pooled connection given back at once (so a streaming route holds none); a bad
+key is counted against the client; then the request counts against the key's per-minute
+limit, whose state goes out as `x-ratelimit-*-requests` headers (`security.SecurityHeaders`).
 
 `AUTH_MODE=disabled` serves one built-in local principal, with admin scope, and no key.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from typing import Annotated
@@ -26,6 +27,7 @@ from chatbot_api.config import Settings
 from chatbot_api.errors import Forbidden, InvalidApiKey, KeyInQuery, Unauthorized
 from chatbot_api.limits import service as limits
 from chatbot_api.limits.base import Limiter
+from chatbot_api.sql import run_transaction
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -99,23 +101,23 @@ async def _identify(
     await limits.check_auth_throttle(limiter, client=client, limit=failures)
     if credentials is None:
         raise Unauthorized("An API key is required, in the Authorization header (scheme: Bearer).")
+    lookup = functools.partial(
+        service.authenticate,
+        secret=credentials.credentials,
+        server_secret=settings.auth.server_secret.get_secret_value(),
+    )
     try:
-        async with request.app.state.sessionmaker() as session:
-            key, principal = await service.authenticate(
-                session,
-                secret=credentials.credentials,
-                server_secret=settings.auth.server_secret.get_secret_value(),
-            )
+        holder = await run_transaction(request.app.state.engine, lookup, single_statement=True)
     except InvalidApiKey:
         await limits.record_auth_failure(limiter, client=client, limit=failures)
         raise
     return Caller(
-        principal_id=principal.id,
-        name=principal.name,
-        key_id=key.id,
-        scope=KeyScope(key.scope),
+        principal_id=holder.principal_id,
+        name=holder.principal_name,
+        key_id=holder.key_id,
+        scope=holder.scope,
         limits=_key_limits(
-            settings, key.requests_per_minute, key.concurrent_streams, key.tokens_per_day
+            settings, holder.requests_per_minute, holder.concurrent_streams, holder.tokens_per_day
         ),
     )
 

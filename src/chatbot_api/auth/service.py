@@ -10,8 +10,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot_api.auth import keys
@@ -24,6 +25,7 @@ from chatbot_api.auth.models import (
 )
 from chatbot_api.db import utcnow
 from chatbot_api.errors import InvalidApiKey, NotFound
+from chatbot_api.sql import Prepared, Tx
 
 BOOTSTRAP_PRINCIPAL = "admin"
 # `30d`, `12h`, `45m`; the digit counts keep every lifetime under 10,000 days, so the schema
@@ -127,29 +129,57 @@ async def create_key(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class KeyHolder:
+    """What a request needs of a live key: who holds it, its scope and its own limits."""
+
+    key_id: uuid.UUID
+    principal_id: uuid.UUID
+    principal_name: str
+    scope: KeyScope
+    requests_per_minute: int | None
+    concurrent_streams: int | None
+    tokens_per_day: int | None
+
+
+_keys_t, _principals_t = cast(Table, ApiKey.__table__), cast(Table, Principal.__table__)
+# Every authenticated request runs this: a prepared statement (`chatbot_api.sql`), one round
+# trip with no ORM entities, on a connection returned to the pool before the route runs.
+KEY_BY_HASH = Prepared(
+    select(
+        _keys_t.c.id,
+        _keys_t.c.secret_hash,
+        _keys_t.c.scope,
+        _keys_t.c.expires_at,
+        _keys_t.c.revoked_at,
+        _keys_t.c.requests_per_minute,
+        _keys_t.c.concurrent_streams,
+        _keys_t.c.tokens_per_day,
+        _principals_t.c.id,
+        _principals_t.c.name,
+    )
+    .join_from(_keys_t, _principals_t, _principals_t.c.id == _keys_t.c.principal_id)
+    .where(_keys_t.c.secret_hash == bindparam("p_hash"))
+)
+
+
 async def authenticate(
-    session: AsyncSession, *, secret: str, server_secret: str, now: datetime | None = None
-) -> tuple[ApiKey, Principal]:
-    """The live key whose secret this is, and its principal; `InvalidApiKey` otherwise."""
+    tx: Tx, *, secret: str, server_secret: str, now: datetime | None = None
+) -> KeyHolder:
+    """The holder of the live key whose secret this is; `InvalidApiKey` otherwise. Read fresh
+    on every call: a key revoked in any process is refused at its next request."""
     if not keys.looks_like_key(secret):
         raise InvalidApiKey("The API key is not valid.")
     digest = keys.hash_key(secret, server_secret)
-    row = (
-        await session.execute(
-            select(ApiKey, Principal)
-            .join(Principal, Principal.id == ApiKey.principal_id)
-            .where(ApiKey.secret_hash == digest)
-        )
-    ).first()
-    if row is None or not hmac.compare_digest(row[0].secret_hash, digest):
+    row = await tx.first(KEY_BY_HASH, {"p_hash": digest})
+    if row is None or not hmac.compare_digest(row[1], digest):
         raise InvalidApiKey("The API key is not valid.")
-    key, principal = row
-    now = now or utcnow()
-    if key.revoked_at is not None:
+    key_id, _, scope, expires_at, revoked_at, per_minute, streams, per_day, owner, name = row
+    if revoked_at is not None:
         raise InvalidApiKey("The API key has been revoked.")
-    if key.expires_at is not None and key.expires_at <= now:
+    if expires_at is not None and expires_at <= (now or utcnow()):
         raise InvalidApiKey("The API key has expired.")
-    return key, principal
+    return KeyHolder(key_id, owner, name, KeyScope(scope), per_minute, streams, per_day)
 
 
 async def list_keys(session: AsyncSession) -> Sequence[tuple[ApiKey, Principal]]:

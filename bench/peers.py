@@ -3,12 +3,14 @@ against the same fake LLM, in the same run.
 
 LiteLLM is installed into its own virtualenv (`bench/.venv-peers`, `litellm[proxy]`), so its
 dependencies never meet the app's. The proxy runs one worker with no database (it stores no
-history); the app stores every message. Open loop at `--rate` req/s, interleaved A/B/C: the
-fake called directly, the proxy relaying the same streamed chat-completions request, and the
-app's streamed send-message. Reported: p50/p99 added to the direct call, and server CPU per
-request. Writes `bench/results/peers.md` and `peers.json`.
+history); the app stores every message. Both authenticate every request: the proxy checks its
+master key (in memory), the app looks its API key up in PostgreSQL (`AUTH_MODE=enabled`).
+Open loop at `--rate` req/s, interleaved A/B/C: the fake called directly, the proxy relaying
+the same streamed chat-completions request, and the app's streamed send-message. Reported:
+p50/p99 added to the direct call, and server CPU per request. Writes `bench/results/peers.md`
+and `peers.json`.
 
-    python -m bench.peers [--rate 100] [--seconds 15] [--rounds 2]
+    python -m bench.peers [--rate 20] [--seconds 15] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench.common import Bench, Job, direct, interleave, send
-from bench.results import Results, Target, merge, pct_ms
+from bench.results import Results, merge, pct_ms
 from bench.run import prepare, raise_fd_limit
-from bench.seed import drop_database
+from bench.seed import create_key, drop_database
 from bench.servers import LOGS, FakeConfig, LoadGen, Proc, Registry, free_port, wait_http
 
 VENV = Path(__file__).resolve().parent / ".venv-peers"
@@ -43,7 +46,7 @@ def ensure_litellm() -> Path:
     return exe
 
 
-async def start_litellm(reg: Registry, exe: Path, fake: Proc) -> Proc:
+async def start_litellm(reg: Registry, exe: Path, fake: Proc, master_key: str) -> Proc:
     port = free_port()
     config = LOGS / "litellm-config.yaml"
     config.write_text(
@@ -57,9 +60,37 @@ async def start_litellm(reg: Registry, exe: Path, fake: Proc) -> Proc:
         "  telemetry: false\n"
     )
     argv = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-    proc = await reg.spawn("peers-litellm", [*argv, "--num_workers", "1"], port=port)
+    # Warnings only, as for the app (`LOG_LEVEL=WARNING`): no access log on either side.
+    env = {"LITELLM_MASTER_KEY": master_key, "LITELLM_LOG": "WARNING"}
+    proc = await reg.spawn("peers-litellm", [*argv, "--num_workers", "1"], env=env, port=port)
     await wait_http(proc, "/health/liveliness", within=180)
     return proc
+
+
+def report(results: Results, jobs: dict[str, list[Job]], rate: float) -> None:
+    """One row per server: latency added to the direct call and server CPU per request.
+    Informational: the issue sets no target for the peers, so nothing is PASS or FAIL."""
+    base = merge([j.part()["latency"] for j in jobs["direct"]])
+    rows = []
+    for name, group in (("direct", "fake"), ("litellm", "server"), ("app", "server")):
+        h = merge([j.part()["latency"] for j in jobs[name]])
+        ok = sum(j.part()["ok"] for j in jobs[name])
+        sent = sum(j.part()["sent"] for j in jobs[name])
+        cpu = sum(j.cpu(group) for j in jobs[name]) / max(1, ok) * 1e6
+        rows.append(
+            {
+                "server": {"direct": "fake LLM, direct"}.get(name, name),
+                "ok/sent": f"{ok}/{sent}",
+                "p50 ms": pct_ms(h, 50),
+                "p99 ms": pct_ms(h, 99),
+                "added p50 ms": pct_ms(h, 50) - pct_ms(base, 50) if name != "direct" else 0.0,
+                "added p99 ms": pct_ms(h, 99) - pct_ms(base, 99) if name != "direct" else 0.0,
+                "server CPU/request us": cpu,
+                "loadgen cores (max)": max(j.loadgen_cores for j in jobs[name]),
+            }
+        )
+        print(f"{name:8} {rows[-1]}", flush=True)
+    results.detail(0, f"streamed chat turns at {rate:g} req/s, open loop", rows)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -71,13 +102,24 @@ async def main_async(args: argparse.Namespace) -> None:
     wall = time.monotonic()
     try:
         await prepare(b)
+        results.env["peers"] = (
+            "LiteLLM proxy (1 worker, no database, master key, LITELLM_LOG=WARNING) and the app "
+            "(1 worker, pool 10, AUTH_MODE=enabled with an API key), same fake LLM, same requests"
+        )
         async with b.scope() as scope:
             fake = await b.fake(scope, "peers-fake", FakeConfig())
-            app = await b.app(scope, "peers-app", fake)
-            proxy = await start_litellm(scope, exe, fake)
+            app = await b.app(scope, "peers-app", fake, env={"AUTH_MODE": "enabled"})
+            app_key = await create_key(b.db)
+            master_key = f"sk-{secrets.token_hex(32)}"
+            proxy = await start_litellm(scope, exe, fake, master_key)
             common = {"count": int(args.rate * args.seconds), "rate": args.rate, "concurrency": 256}
-            await b.warm(app, count=300, stream=True)
-            proxied = direct(fake, **common) | {"port": proxy.port, "name": "litellm"}
+            warm = send(app, b.conversations, count=300, concurrency=8, stream=True)
+            await b.job([warm | {"bearer": app_key}])
+            proxied = direct(fake, **common) | {
+                "port": proxy.port,
+                "name": "litellm",
+                "bearer": master_key,
+            }
             await b.job([proxied | {"count": 300, "rate": 50.0}])
 
             async def run_direct() -> Job:
@@ -87,21 +129,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 return await b.job([dict(proxied)], cpu={"server": proxy})
 
             async def run_app() -> Job:
-                spec = send(app, b.conversations, stream=True, **common)
+                spec = send(app, b.conversations, stream=True, **common) | {"bearer": app_key}
                 return await b.job([spec], cpu={"server": app})
 
             jobs = await interleave(
                 args.rounds, {"direct": run_direct, "litellm": run_proxy, "app": run_app}
             )
-        base = merge([j.part()["latency"] for j in jobs["direct"]])
-        for name in ("litellm", "app"):
-            h = merge([j.part()["latency"] for j in jobs[name]])
-            ok = sum(j.part()["ok"] for j in jobs[name])
-            cpu = sum(j.cpu("server") for j in jobs[name]) / max(1, ok) * 1e6
-            for p in (50, 99):
-                added = pct_ms(h, p) - pct_ms(base, p)
-                note = f"{ok} ok; server CPU {cpu:.0f} us/request; stream, {args.rate:g} req/s"
-                results.add(Target(0, f"{name}: added p{p}", added, "ms", "<=", float("inf"), note))
+        report(results, jobs, args.rate)
     finally:
         await reg.stop_all()
         await drop_database(args.db)
@@ -111,7 +145,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="LiteLLM proxy beside the app.")
-    parser.add_argument("--rate", type=float, default=100.0)
+    # LiteLLM needed about 30 ms of CPU per streamed request here: above ~30 req/s its one
+    # worker falls behind, and its latency is then queueing, not overhead.
+    parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--db", default="chatbot_bench_peers")

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from chatbot_api import __version__, security
 from chatbot_api.auth.bootstrap import bootstrap
 from chatbot_api.auth.router import router as keys_router
+from chatbot_api.chat import checkpoints
 from chatbot_api.chat.router import router as chat_router
 from chatbot_api.chat.turns import TurnManager
 from chatbot_api.config import LLMSettings, ResolvedProvider, Settings
@@ -122,7 +123,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         _flip_readiness_on_sigterm(app)
         reaper = asyncio.create_task(turns.reap_forever(), name="reaper")
-        checkpointer = asyncio.create_task(turns.checkpoint_forever(), name="checkpointer")
+        checkpointer = asyncio.create_task(
+            checkpoints.checkpoint_forever(
+                turns, interval=settings.reliability.stream_checkpoint_interval
+            ),
+            name="checkpointer",
+        )
         logger.info("serving with provider=%s model=%s", provider.name, provider.model)
         try:
             yield

@@ -7,11 +7,10 @@ A turn's lifetime, in order:
    stored when they happen.
 2. A background task calls the provider with no database connection checked out, appending
    each event to the turn's in-memory log as it arrives.
-3. One checkpointer per process (`checkpoint_forever`), not one per turn, stores the partial
-   replies of every turn in flight every `stream_checkpoint_interval` seconds, picks up
-   cancel requests made in other processes, and renews the claims on their conversations
-   every third of the lease: one short transaction per tick whatever the number of turns, so
-   the pool never caps how many chats are in flight.
+3. One checkpointer per process (`chat.checkpoints`), not one per turn, stores the partial
+   replies of every turn in flight, picks up cancel requests made in other processes, and
+   renews the claims on their conversations: one short transaction per tick whatever the
+   number of turns, so the pool never caps how many chats are in flight.
 4. When the provider stops, the task stores the reply in a final short transaction
    (`service.finish_turn`, retried while the database is briefly away), and only then appends
    the terminal event. A client that disconnects after the last token therefore loses
@@ -59,7 +58,6 @@ from chatbot_api.errors import (
 )
 from chatbot_api.llm.base import Finish, GenerationOptions, Provider, Routed, TextDelta, Usage
 from chatbot_api.llm.errors import ProviderError, ProviderUnavailable
-from chatbot_api.memory import release_freed_memory
 from chatbot_api.sql import Tx, run_transaction
 
 logger = logging.getLogger(__name__)
@@ -71,8 +69,6 @@ PERSIST_BACKOFF_CAP = 2.0
 # How long stopping waits for turns that are cut short to store what they have.
 FINISH_TIMEOUT = 10.0
 REAP_INTERVAL = 30.0
-# Checkpoint ticks with no turn in flight after which freed memory goes back to the system.
-IDLE_TICKS_BEFORE_TRIM = 3
 
 
 class TurnManager:
@@ -96,6 +92,15 @@ class TurnManager:
     @property
     def in_flight(self) -> int:
         return len(self._turns)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a claim on a conversation lasts unless it is renewed."""
+        return self._lease
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine, name=name)
@@ -271,57 +276,15 @@ class TurnManager:
             provider.observe_usage(turn.begun.prompt_tokens, usage)
         await self._finish(turn, usage, finish, error, status)
 
-    async def checkpoint_forever(self) -> None:
-        """Every `stream_checkpoint_interval`, in one transaction for all the turns in flight
-        here: store the partial replies that grew, notice cancel requests, and, every third of
-        the lease, renew the claims. Runs from the app's lifespan until it is cancelled."""
-        loop = asyncio.get_running_loop()
-        lease = self._lease.total_seconds()
-        interval = min(self._settings.reliability.stream_checkpoint_interval, lease / 3)
-        renew_at = loop.time() + lease / 3
-        idle_ticks = 0
-        while True:
-            await asyncio.sleep(interval)
-            live = [t for t in self._turns.values() if t.begun is not None and not t.finishing]
-            if not live:
-                renew_at = loop.time() + lease / 3
-                idle_ticks += 1
-                if idle_ticks == IDLE_TICKS_BEFORE_TRIM:
-                    release_freed_memory()
-                continue
-            idle_ticks = 0
-            partials = [(t, t.text_length) for t in live if t.text_length != t.stored_length]
-            claims = None
-            if loop.time() >= renew_at:
-                claims = [(b.conversation_id, b.claim_seq) for t in live if (b := t.begun)]
+    def live(self) -> list[Turn]:
+        """The turns generating in this process whose replies are not being stored yet."""
+        return [t for t in self._turns.values() if t.begun is not None and not t.finishing]
 
-            try:
-                cancelled = await run_transaction(
-                    self._engine, functools.partial(self._checkpoint, partials, claims)
-                )
-            except Exception as exc:
-                logger.warning("checkpoint of %d turns failed: %s", len(live), type(exc).__name__)
-                continue
-            if claims is not None:
-                renew_at = loop.time() + lease / 3
-            for turn, length in partials:
-                turn.stored_length = length
-            for reply_id in cancelled:
-                if (asked := self._turns.get(reply_id)) is not None:
-                    self._cancel_local(asked)
-
-    async def _checkpoint(
-        self,
-        partials: list[tuple[Turn, int]],
-        claims: list[tuple[uuid.UUID, int]] | None,
-        tx: Tx,
-    ) -> set[uuid.UUID]:
-        await service.store_partials(
-            tx, [(t.ids.assistant_message_id, t.text()) for t, _ in partials]
-        )
-        if claims:
-            await service.renew_claims(tx, claims, lease=self._lease)
-        return await service.cancel_requested(tx)
+    def cancel_asked(self, reply_ids: set[uuid.UUID]) -> None:
+        """Cancel the turns of this process that another one was asked to cancel."""
+        for reply_id in reply_ids:
+            if (asked := self._turns.get(reply_id)) is not None:
+                self._cancel_local(asked)
 
     async def _finish(
         self,

@@ -1,0 +1,80 @@
+"""The checkpointer: one task per process (started by the app's lifespan) that keeps the turns
+generating here durable and answerable, in one short transaction per tick for all of them:
+
+- every `stream_checkpoint_interval` seconds, the partial replies that grew are stored, so a
+  crash loses at most one interval of text and a follower in another process sees it grow;
+- cancel requests made through another process (a flag on the reply's row) are picked up;
+- every third of the conversation lease, the claims on their conversations are renewed, so a
+  long generation keeps its conversation while a dead process's claims run out.
+
+One transaction per tick whatever the number of turns: a task and a transaction per turn per
+second had exhausted the pool under load. After a few idle ticks, freed memory goes back to
+the system (`memory.release_freed_memory`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from datetime import timedelta
+
+from chatbot_api.chat import service
+from chatbot_api.chat.turn import Turn
+from chatbot_api.chat.turns import TurnManager
+from chatbot_api.memory import release_freed_memory
+from chatbot_api.sql import Tx, run_transaction
+
+logger = logging.getLogger(__name__)
+
+# Ticks with no turn in flight after which freed memory goes back to the system.
+IDLE_TICKS_BEFORE_TRIM = 3
+
+
+async def checkpoint_forever(turns: TurnManager, *, interval: float) -> None:
+    """Checkpoint the turns of `turns` every `interval` seconds (at most a third of the lease),
+    until cancelled."""
+    loop = asyncio.get_running_loop()
+    lease = turns.lease.total_seconds()
+    interval = min(interval, lease / 3)
+    renew_at = loop.time() + lease / 3
+    idle_ticks = 0
+    while True:
+        await asyncio.sleep(interval)
+        live = turns.live()
+        if not live:
+            renew_at = loop.time() + lease / 3
+            idle_ticks += 1
+            if idle_ticks == IDLE_TICKS_BEFORE_TRIM:
+                release_freed_memory()
+            continue
+        idle_ticks = 0
+        partials = [(t, t.text_length) for t in live if t.text_length != t.stored_length]
+        claims = None
+        if loop.time() >= renew_at:
+            claims = [(b.conversation_id, b.claim_seq) for t in live if (b := t.begun)]
+        tick = functools.partial(_checkpoint, partials=partials, claims=claims, lease=turns.lease)
+        try:
+            cancelled = await run_transaction(turns.engine, tick)
+        except Exception as exc:
+            logger.warning("checkpoint of %d turns failed: %s", len(live), type(exc).__name__)
+            continue
+        if claims is not None:
+            renew_at = loop.time() + lease / 3
+        for turn, length in partials:
+            turn.stored_length = length
+        turns.cancel_asked(cancelled)
+
+
+async def _checkpoint(
+    tx: Tx,
+    *,
+    partials: list[tuple[Turn, int]],
+    claims: list[tuple[uuid.UUID, int]] | None,
+    lease: timedelta,
+) -> set[uuid.UUID]:
+    await service.store_partials(tx, [(t.ids.assistant_message_id, t.text()) for t, _ in partials])
+    if claims:
+        await service.renew_claims(tx, claims, lease=lease)
+    return await service.cancel_requested(tx)

@@ -12,6 +12,12 @@ CPU per relayed token is the marginal cost: CPU = a * streams + b * deltas solve
 transactions, the upstream request) does not count as token cost, and an app overloaded by
 1,000 streams does not charge its queueing to the tokens.
 The long-stream app's RSS is sampled here too; S6 uses it for memory per open stream.
+
+For information, the same run measures the floor of a relayed token on this stack: CPU per
+delta of the app and of `bench/reference_app.py` (aiohttp in, raw ASGI out, no turn log, no
+second task) over 300-delta streams (all-in: a turn's own cost is spread over them), with
+deltas paced at 20 ms (one upstream read and one client write per delta) and unpaced (a fast
+model: deltas arrive, and leave, several per write).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from typing import Any
 from bench.common import Bench, Job, direct, interleave, invalid, send
 from bench.procstat import Sampler
 from bench.results import Target, merge, pct_ms
-from bench.servers import FakeConfig, Proc
+from bench.seed import dsn
+from bench.servers import FakeConfig, Proc, start_reference
 
 DELAY = 0.05
 SHORT = 20
@@ -125,6 +132,50 @@ async def many_streams(b: Bench, fake: Proc, app: Proc, tokens: int) -> dict[str
     return {"jobs": jobs, "cores": cores, "fake_cores": fake_cores, "concurrency": concurrency}
 
 
+async def relay_floor(b: Bench) -> list[dict[str, Any]]:
+    """CPU per relayed delta, app against the reference relay, paced and unpaced. All-in (per
+    turn costs included), so the streams are long: 300 deltas."""
+    tokens = 300
+    rows: list[dict[str, Any]] = []
+    for label, delay in (("paced 20 ms", 0.02), ("unpaced", 0.0)):
+        async with b.scope() as reg:
+            fake = await b.fake(reg, "s3-relay-fake", FakeConfig(tokens=tokens, token_delay=delay))
+            app = await b.app(reg, "s3-relay-app", fake, pool=(10, 0))
+            url = f"http://127.0.0.1:{fake.port}/v1"
+            ref = await start_reference(reg, "s3-relay-reference", dsn(b.db), url)
+            for proc in (app, ref):
+                await b.job([send(proc, b.conversations, stream=True, count=50, concurrency=25)])
+
+            def phase(proc: Proc) -> Any:
+                async def go() -> Job:
+                    spec = send(proc, b.conversations, stream=True, count=100, concurrency=100)
+                    spec["timeout_s"] = 60.0
+                    return await b.job([spec], cpu={"server": proc}, deadline=120)
+
+                return go
+
+            jobs = await interleave(b.n(2, 1), {"reference": phase(ref), "app": phase(app)})
+        per_delta = {
+            name: sum(j.cpu("server") for j in runs)
+            / max(1, sum(j.part()["deltas"] for j in runs))
+            * 1e6
+            for name, runs in jobs.items()
+        }
+        for name in ("reference", "app"):
+            rows.append(
+                {
+                    "deltas": label,
+                    "server": name,
+                    "streams ok/sent": "/".join(
+                        str(sum(j.part()[k] for j in jobs[name])) for k in ("streams_done", "sent")
+                    ),
+                    "CPU per delta us": per_delta[name],
+                    "vs reference": per_delta[name] / per_delta["reference"],
+                }
+            )
+    return rows
+
+
 async def run(b: Bench) -> None:
     tokens = b.n(150, 40)
     async with b.scope() as reg:
@@ -153,6 +204,7 @@ async def run(b: Bench) -> None:
         spec |= {"stagger_s": length, "timeout_s": 60.0}
         long100 = [await b.job([spec], cpu={"app": app_long}, deadline=4 * length + 30)]
         many = await many_streams(b, fake_long, app_long, tokens)
+    floor = await relay_floor(b)
 
     ttft_app_h = merge([j.part()["ttft"] for j in short["app"]])
     ttft_dir_h = merge([j.part()["ttft"] for j in short["direct"]])
@@ -185,9 +237,13 @@ async def run(b: Bench) -> None:
     b.results.add(Target(3, "added inter-token gap p99", added_gap, "ms", "<=", 5, note, flag))
 
     marginal, per_stream = per_token_us(short["app"], long100)
+    cost = {(r["deltas"], r["server"]): r["CPU per delta us"] for r in floor}
     note = (
         f"marginal, from CPU = a*streams + b*deltas over {SHORT}- and {tokens}-delta streams, "
-        f"100 at a time; a = {per_stream:.0f} us per stream"
+        f"100 at a time; a = {per_stream:.0f} us per stream; same run, long streams: the raw "
+        f"reference relay {cost['paced 20 ms', 'reference']:.0f} us paced / "
+        f"{cost['unpaced', 'reference']:.0f} us unpaced, the app "
+        f"{cost['paced 20 ms', 'app']:.0f} / {cost['unpaced', 'app']:.0f} us"
     )
     b.results.add(Target(3, "server CPU per relayed token", marginal, "us", "<=", 20, note))
     b.results.detail(
@@ -197,6 +253,7 @@ async def run(b: Bench) -> None:
         + stream_rows("app", short["app"], "app")
         + stream_rows(f"app, {tokens} deltas", long100, "app"),
     )
+    b.results.detail(3, "CPU per relayed delta, app vs the raw reference relay", floor)
     b.results.detail(
         3,
         f"{many['concurrency']}-stream phases",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -17,6 +18,21 @@ from chatbot_api.db import utcnow
 from chatbot_api.errors import InvalidApiKey
 from chatbot_api.sql import run_transaction
 from tests.conftest import TEST_SERVER_SECRET
+
+
+async def new_key(
+    app: FastAPI, user: str, *, scope: KeyScope = KeyScope.USER, name: str = "k", **options: Any
+) -> service.IssuedKey:
+    """A key for `user`, committed (`service.create_key` in a transaction of its own)."""
+    async with app.state.sessionmaker.begin() as session:
+        return await service.create_key(
+            session,
+            user=user,
+            name=name,
+            scope=scope,
+            server_secret=TEST_SERVER_SECRET,
+            **options,
+        )
 
 
 async def authenticate(
@@ -79,14 +95,7 @@ class TestKeyMaterial:
 
 class TestStorage:
     async def test_only_the_hash_is_stored(self, app: FastAPI, engine: AsyncEngine) -> None:
-        async with app.state.sessionmaker.begin() as session:
-            issued = await service.create_key(
-                session,
-                user="alice",
-                name="laptop",
-                scope=KeyScope.USER,
-                server_secret=TEST_SERVER_SECRET,
-            )
+        issued = await new_key(app, "alice", name="laptop")
         async with engine.connect() as connection:
             rows = (await connection.execute(text("SELECT * FROM api_keys"))).mappings().all()
 
@@ -96,14 +105,7 @@ class TestStorage:
         assert keys.hash_key(issued.secret, TEST_SERVER_SECRET) in dumped
 
     async def test_authenticate_finds_the_key_and_its_principal(self, app: FastAPI) -> None:
-        async with app.state.sessionmaker.begin() as session:
-            issued = await service.create_key(
-                session,
-                user="bob",
-                name="cli",
-                scope=KeyScope.ADMIN,
-                server_secret=TEST_SERVER_SECRET,
-            )
+        issued = await new_key(app, "bob", name="cli", scope=KeyScope.ADMIN)
         holder = await authenticate(app, issued.secret, TEST_SERVER_SECRET)
 
         assert holder == service.KeyHolder(
@@ -117,17 +119,9 @@ class TestStorage:
         )
 
     async def test_authenticate_reads_the_keys_own_limits(self, app: FastAPI) -> None:
-        async with app.state.sessionmaker.begin() as session:
-            issued = await service.create_key(
-                session,
-                user="erin",
-                name="capped",
-                scope=KeyScope.USER,
-                server_secret=TEST_SERVER_SECRET,
-                requests_per_minute=7,
-                concurrent_streams=2,
-                tokens_per_day=9000,
-            )
+        issued = await new_key(
+            app, "erin", requests_per_minute=7, concurrent_streams=2, tokens_per_day=9000
+        )
 
         holder = await authenticate(app, issued.secret, TEST_SERVER_SECRET)
 
@@ -136,21 +130,8 @@ class TestStorage:
         assert holder.tokens_per_day == 9000
 
     async def test_the_same_user_gets_one_principal_for_many_keys(self, app: FastAPI) -> None:
-        async with app.state.sessionmaker.begin() as session:
-            first = await service.create_key(
-                session,
-                user="carol",
-                name="a",
-                scope=KeyScope.USER,
-                server_secret=TEST_SERVER_SECRET,
-            )
-            second = await service.create_key(
-                session,
-                user="carol",
-                name="b",
-                scope=KeyScope.USER,
-                server_secret=TEST_SERVER_SECRET,
-            )
+        first = await new_key(app, "carol", name="a")
+        second = await new_key(app, "carol", name="b")
 
         assert first.principal.id == second.principal.id
         assert first.secret != second.secret
@@ -160,16 +141,9 @@ class TestStorage:
         [("revoke", "revoked"), ("expire", "expired"), ("other-secret", "not valid")],
     )
     async def test_dead_keys_are_refused(self, app: FastAPI, change: str, message: str) -> None:
-        async with app.state.sessionmaker.begin() as session:
-            issued = await service.create_key(
-                session,
-                user="dave",
-                name="k",
-                scope=KeyScope.USER,
-                server_secret=TEST_SERVER_SECRET,
-                expires_in=timedelta(minutes=5),
-            )
-            if change == "revoke":
+        issued = await new_key(app, "dave", expires_in=timedelta(minutes=5))
+        if change == "revoke":
+            async with app.state.sessionmaker.begin() as session:
                 await service.revoke_key(session, issued.key.id)
         now = utcnow() + (timedelta(minutes=6) if change == "expire" else timedelta())
         secret = "another-server-secret" if change == "other-secret" else TEST_SERVER_SECRET
@@ -177,16 +151,7 @@ class TestStorage:
             await authenticate(app, issued.secret, secret, now=now)
 
     async def test_a_key_is_live_until_it_expires(self, app: FastAPI) -> None:
-        async with app.state.sessionmaker.begin() as session:
-            issued = await service.create_key(
-                session,
-                user="frank",
-                name="k",
-                scope=KeyScope.USER,
-                server_secret=TEST_SERVER_SECRET,
-                expires_in=timedelta(minutes=5),
-            )
-
+        issued = await new_key(app, "frank", expires_in=timedelta(minutes=5))
         soon = utcnow() + timedelta(minutes=4)
         holder = await authenticate(app, issued.secret, TEST_SERVER_SECRET, now=soon)
 

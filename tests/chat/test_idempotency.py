@@ -13,6 +13,14 @@ from tests.chat.helpers import messages, parse_sse
 from tests.conftest import client_for, create_conversation
 
 
+async def upstream_called(fake_llm: FakeLLM) -> None:
+    """Until the first request's turn is under way (its upstream call has begun): a retry sent
+    after a fixed delay instead could outrun the first request on a loaded machine."""
+    async with asyncio.timeout(5):
+        while not fake_llm.requests:  # noqa: ASYNC110 (the fake has no arrival event)
+            await asyncio.sleep(0.01)
+
+
 async def _send(
     client: httpx.AsyncClient,
     conversation_id: str,
@@ -62,7 +70,7 @@ class TestIdempotencyKey:
         fake_llm.enqueue(Script(reply="slow", ttft=0.5))
         conversation_id = await create_conversation(client)
         first = asyncio.create_task(_send(client, conversation_id, "hello", "key-3"))
-        await asyncio.sleep(0.2)
+        await upstream_called(fake_llm)
 
         second = await _send(client, conversation_id, "hello", "key-3")
 
@@ -78,7 +86,7 @@ class TestIdempotencyKey:
         fake_llm.enqueue(Script(deltas=("a ", "b ", "c ", "d"), token_delay=0.1))
         conversation_id = await create_conversation(client)
         first = asyncio.create_task(_send(client, conversation_id, "hello", "key-4", stream=True))
-        await asyncio.sleep(0.15)
+        await upstream_called(fake_llm)
 
         second = await _send(client, conversation_id, "hello", "key-4", stream=True)
 

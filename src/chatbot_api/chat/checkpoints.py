@@ -42,29 +42,37 @@ async def checkpoint_forever(turns: TurnManager, *, interval: float) -> None:
     idle_ticks = 0
     while True:
         await asyncio.sleep(interval)
-        live = turns.live()
-        if not live:
+        renewed = await _tick(turns, renew=loop.time() >= renew_at)
+        if renewed is None:
             renew_at = loop.time() + lease / 3
             idle_ticks += 1
             if idle_ticks == IDLE_TICKS_BEFORE_TRIM:
                 release_freed_memory()
             continue
         idle_ticks = 0
-        partials = [(t, t.text_length) for t in live if t.text_length != t.stored_length]
-        claims = None
-        if loop.time() >= renew_at:
-            claims = [(b.conversation_id, b.claim_seq) for t in live if (b := t.begun)]
-        tick = functools.partial(_checkpoint, partials=partials, claims=claims, lease=turns.lease)
-        try:
-            cancelled = await run_transaction(turns.engine, tick)
-        except Exception as exc:
-            logger.warning("checkpoint of %d turns failed: %s", len(live), type(exc).__name__)
-            continue
-        if claims is not None:
+        if renewed:
             renew_at = loop.time() + lease / 3
-        for turn, length in partials:
-            turn.stored_length = length
-        turns.cancel_asked(cancelled)
+
+
+async def _tick(turns: TurnManager, *, renew: bool) -> bool | None:
+    """One checkpoint: None if no turn was in flight, else whether the claims were renewed.
+    The turns are held by this function's locals only, so they end with the tick: an idle
+    process keeps no finished turn (nor its log of every delta) alive."""
+    live = turns.live()
+    if not live:
+        return None
+    partials = [(t, t.text_length) for t in live if t.text_length != t.stored_length]
+    claims = [(b.conversation_id, b.claim_seq) for t in live if (b := t.begun)] if renew else None
+    tick = functools.partial(_checkpoint, partials=partials, claims=claims, lease=turns.lease)
+    try:
+        cancelled = await run_transaction(turns.engine, tick)
+    except Exception as exc:
+        logger.warning("checkpoint of %d turns failed: %s", len(live), type(exc).__name__)
+        return False
+    for turn, length in partials:
+        turn.stored_length = length
+    turns.cancel_asked(cancelled)
+    return claims is not None
 
 
 async def _checkpoint(

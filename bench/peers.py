@@ -46,6 +46,12 @@ def ensure_litellm() -> Path:
     return exe
 
 
+def litellm_version() -> str:
+    python = str(VENV / "bin" / "python")
+    code = "import importlib.metadata as m; print(m.version('litellm'))"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
+
+
 async def start_litellm(reg: Registry, exe: Path, fake: Proc, master_key: str) -> Proc:
     port = free_port()
     config = LOGS / "litellm-config.yaml"
@@ -103,8 +109,9 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         await prepare(b)
         results.env["peers"] = (
-            "LiteLLM proxy (1 worker, no database, master key, LITELLM_LOG=WARNING) and the app "
-            "(1 worker, pool 10, AUTH_MODE=enabled with an API key), same fake LLM, same requests"
+            f"LiteLLM {litellm_version()} proxy (1 worker, no database, master key, "
+            "LITELLM_LOG=WARNING) and the app (1 worker, pool 10, AUTH_MODE=enabled with an API "
+            "key), same fake LLM, same requests"
         )
         async with b.scope() as scope:
             fake = await b.fake(scope, "peers-fake", FakeConfig())

@@ -55,29 +55,13 @@ async def drop_database(name: str) -> None:
         await conn.close()
 
 
-async def migrate(name: str) -> None:
+async def _cli(name: str, *args: str) -> str:
+    """`chatbot-api <args>` against database `name`, with the settings the bench's apps run
+    with (`servers.AppConfig`); its output, or RuntimeError if it fails."""
     LOGS.mkdir(parents=True, exist_ok=True)
     process = await asyncio.create_subprocess_exec(
         PYTHON,
-        "-m",
-        "chatbot_api.cli",
-        "migrate",
-        cwd=LOGS,
-        env=clean_environ() | {"DATABASE_URL": app_url(name), "LOG_LEVEL": "WARNING"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 120)
-    if process.returncode != 0:
-        raise RuntimeError(f"chatbot-api migrate failed:\n{out.decode()}")
-
-
-async def create_key(name: str, *, user: str = "local") -> str:
-    """A new API key for `user` (`chatbot-api keys create`), for the phases that measure the
-    request path with authentication on. The seeded conversations belong to `local`."""
-    process = await asyncio.create_subprocess_exec(
-        PYTHON,
-        *("-m", "chatbot_api.cli", "keys", "create", "--name", "bench", "--user", user),
+        *("-m", "chatbot_api.cli", *args),
         cwd=LOGS,
         env=clean_environ()
         | {"DATABASE_URL": app_url(name), "LOG_LEVEL": "WARNING", "ENVIRONMENT": "development"},
@@ -86,8 +70,19 @@ async def create_key(name: str, *, user: str = "local") -> str:
     )
     out, _ = await asyncio.wait_for(process.communicate(), 120)
     if process.returncode != 0:
-        raise RuntimeError(f"chatbot-api keys create failed:\n{out.decode()}")
-    return out.decode().strip().splitlines()[-1]
+        raise RuntimeError(f"chatbot-api {' '.join(args)} failed:\n{out.decode()}")
+    return out.decode()
+
+
+async def migrate(name: str) -> None:
+    await _cli(name, "migrate")
+
+
+async def create_key(name: str, *, user: str = "local") -> str:
+    """A new API key for `user` (`chatbot-api keys create`), for the phases that measure the
+    request path with authentication on. The seeded conversations belong to `local`."""
+    out = await _cli(name, "keys", "create", "--name", "bench", "--user", user)
+    return out.strip().splitlines()[-1]
 
 
 def sentence(rng: random.Random, words: int) -> str:

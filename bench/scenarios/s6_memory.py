@@ -4,7 +4,7 @@ suite runs a short one).
 
 - Idle: a fresh worker (one process) after a warm-up of creates, sends and streams.
 - Per open stream: a fresh worker, warmed up, then 1,000 streams held open at once, a delta a
-  second each, so the worker keeps up (a fifth of a core): (peak RSS with every stream open -
+  second each, so the worker keeps up (a sixth of a core here): (peak RSS with every stream open -
   its RSS just before) / streams. That is what an open stream holds. S3's worker, which
   carries 1,000 streams at 20 deltas/s on a saturated core, also holds the backlog it is too
   slow to send: its figure is given beside it.
@@ -160,7 +160,7 @@ async def run(b: Bench) -> None:
         held = await held_streams(b)
         per = (held["peak_rss"] - held["before_rss"]) / held["streams"] / 1024
         saturated = (mem["peak_rss"] - mem["idle_rss"]) / mem["streams"] / 1024
-        # Streams the app was too slow to finish were still open: the peak holds them all.
+        # S3's worker may not have finished all its streams in time: said beside its figures.
         slow = ""
         if mem["completed_fraction"] < 0.9:
             slow = f"; only {mem['completed_fraction']:.0%} of the streams completed in time"

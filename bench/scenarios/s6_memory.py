@@ -27,8 +27,8 @@ from bench.results import LOADGEN_LIMIT, Target
 from bench.servers import FakeConfig, Proc, Registry
 
 MB = 1024 * 1024
-# Held streams: a delta a second for 30 s, all opened within the first 5 s.
-HELD_DELTAS, HELD_GAP, HELD_STAGGER = 30, 1.0, 5.0
+# Held streams: a delta a second, all opened within the first few seconds.
+HELD_GAP = 1.0
 
 
 async def held_streams(b: Bench) -> dict[str, Any]:
@@ -38,8 +38,8 @@ async def held_streams(b: Bench) -> dict[str, Any]:
 
 
 async def _held_streams(b: Bench, reg: Registry) -> dict[str, Any]:
-    streams = b.n(1000, 200)
-    fake = await b.fake(reg, "s6-held-fake", FakeConfig(tokens=HELD_DELTAS, token_delay=HELD_GAP))
+    streams, deltas, stagger = b.n(1000, 200), b.n(30, 12), b.n(5.0, 2.0)
+    fake = await b.fake(reg, "s6-held-fake", FakeConfig(tokens=deltas, token_delay=HELD_GAP))
     app = await b.app(reg, "s6-held-app", fake)
     # Warm-up: every code path of a stream runs, and the allocator has its first arenas.
     await b.job(
@@ -55,14 +55,14 @@ async def _held_streams(b: Bench, reg: Registry) -> dict[str, Any]:
         stream=True,
         count=streams,
         concurrency=streams,
-        stagger_s=HELD_STAGGER,
+        stagger_s=stagger,
         timeout_s=60.0,
     )
     job = await b.job([spec], cpu={"app": app}, deadline=120)
     await sampler.stop()
     start = job.part()["start"]
     # Every stream is open from the end of the stagger until the first ones finish.
-    window = (start + HELD_STAGGER + 1.0, start + HELD_DELTAS * HELD_GAP - 1.0)
+    window = (start + stagger + 1.0, start + deltas * HELD_GAP - 1.0)
     return {
         "streams": streams,
         "before_rss": before,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from chatbot_api.testing.fake_llm import FakeLLM
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,14 @@ def parse_sse(body: str) -> list[SSEEvent]:
         if data_lines:
             events.append(SSEEvent(name, event_id, json.loads("\n".join(data_lines))))
     return events
+
+
+async def upstream_called(fake_llm: FakeLLM) -> None:
+    """Until the first request's turn is under way (its upstream call has begun): a request
+    sent after a fixed delay instead could outrun it on a loaded machine."""
+    async with asyncio.timeout(5):
+        while not fake_llm.requests:  # noqa: ASYNC110 (the fake has no arrival event)
+            await asyncio.sleep(0.01)
 
 
 async def send(client: httpx.AsyncClient, conversation_id: str, message: str) -> httpx.Response:

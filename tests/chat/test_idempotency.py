@@ -9,16 +9,8 @@ from typing import Any
 import httpx
 
 from chatbot_api.testing.fake_llm import FakeLLM, Script
-from tests.chat.helpers import messages, parse_sse
+from tests.chat.helpers import messages, parse_sse, upstream_called
 from tests.conftest import client_for, create_conversation
-
-
-async def upstream_called(fake_llm: FakeLLM) -> None:
-    """Until the first request's turn is under way (its upstream call has begun): a retry sent
-    after a fixed delay instead could outrun the first request on a loaded machine."""
-    async with asyncio.timeout(5):
-        while not fake_llm.requests:  # noqa: ASYNC110 (the fake has no arrival event)
-            await asyncio.sleep(0.01)
 
 
 async def _send(

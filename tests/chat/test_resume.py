@@ -14,7 +14,7 @@ from chatbot_api.chat.events import parse_last_event_id, still_needed
 from chatbot_api.chat.outcomes import DELTA, TurnEvent, TurnIds, created_event, terminal_event
 from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.testing.fake_llm import FakeLLM, Script
-from tests.chat.helpers import SSEEvent, messages, parse_sse, send
+from tests.chat.helpers import SSEEvent, messages, parse_sse, send, upstream_called
 from tests.conftest import create_conversation
 
 DELTAS = ("Érase ", "una ", "vez ", "un ", "dragón ", "🐉 ", "que ", "hablaba.")
@@ -123,7 +123,8 @@ class TestResumeEndpoint:
         fake_llm.enqueue(Script(deltas=DELTAS, token_delay=0.1))
         conversation_id = await create_conversation(client)
         first = asyncio.create_task(send(client, conversation_id, "story"))
-        await asyncio.sleep(0.35)
+        # Stored and streaming from here on (a fixed delay was sometimes too short on SQLite).
+        await upstream_called(fake_llm)
         stored = await messages(client, conversation_id)
 
         response = await client.get(

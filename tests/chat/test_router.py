@@ -9,7 +9,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.testing.fake_llm import FakeLLM, Script
-from tests.chat.helpers import messages, send, send_stream
+from tests.chat.helpers import messages, send, send_stream, upstream_called
 from tests.conftest import FAKE_KEY, count_rows, create_conversation
 
 
@@ -165,7 +165,7 @@ class TestBusyConversation:
         conversation_id = await create_conversation(client)
 
         first = asyncio.create_task(send(client, conversation_id, "one"))
-        await asyncio.sleep(0.2)
+        await upstream_called(fake_llm)  # the first turn holds the conversation
         second = await send(client, conversation_id, "two")
 
         assert second.status_code == 409

@@ -91,6 +91,8 @@ class TurnManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease = timedelta(seconds=settings.reliability.conversation_lease_seconds)
         # Turns starting hold at most all but one of the pool's connections (`_start_slot`).
+        # On SQLite the engine keeps SQLAlchemy's default pool, larger than these settings:
+        # there the limit only caps how many turns start at once.
         db = settings.db
         self._starting = asyncio.Semaphore(max(1, db.pool_size + db.max_overflow - 1))
 
@@ -110,9 +112,11 @@ class TurnManager:
     @contextlib.asynccontextmanager
     async def _start_slot(self) -> AsyncIterator[None]:
         """A place among the turns starting. However many wait to start under load, a turn
-        that has its reply gets a connection to store it (and the checkpointer one to run)
-        instead of queueing behind them all: the backlog waits here, not in the pool. Waiting
-        longer than `DB_POOL_TIMEOUT` is a pool timeout (503), as for a connection."""
+        that has its reply (or the checkpointer) finds a connection the starting turns cannot
+        take, instead of queueing behind them all: their backlog waits here, not in the pool.
+        Other work shares that connection: with API keys on, each new request's key lookup
+        (one statement) still queues in the pool. Waiting longer than `DB_POOL_TIMEOUT` is a
+        pool timeout (503), as for a connection."""
         try:
             async with asyncio.timeout(self._settings.db.pool_timeout):
                 await self._starting.acquire()

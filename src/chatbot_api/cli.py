@@ -96,6 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=workers,
+        # No WebSocket routes: not loading a WebSocket implementation saves about 1 MB.
+        ws="none",
         log_level=settings.log_level.lower(),
         proxy_headers=args.proxy_headers,
         timeout_graceful_shutdown=args.graceful_timeout,

@@ -15,7 +15,7 @@ from types import FrameType
 
 from fastapi import FastAPI
 
-from chatbot_api import __version__, security
+from chatbot_api import __version__, memory, security
 from chatbot_api.auth.bootstrap import bootstrap
 from chatbot_api.auth.router import router as keys_router
 from chatbot_api.chat import checkpoints
@@ -169,5 +169,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def app_factory() -> FastAPI:
-    """Entry point for uvicorn (`--factory`): settings from the environment and `.env`."""
-    return create_app(Settings())
+    """Entry point for uvicorn (`--factory`): settings from the environment and `.env`. Once
+    the app is built, what the process has loaded is frozen out of the collector's walk
+    (`memory.freeze_startup_heap`)."""
+    app = create_app(Settings())
+    memory.freeze_startup_heap()
+    return app

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import Table, bindparam, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID
@@ -166,6 +167,66 @@ def killed_once(engine: AsyncEngine, calls: list[int]) -> Callable[[Tx], Awaitab
         await insert_conversation(tx, uuid.uuid4())
 
     return work
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+class TestTheKeptConnection:
+    """On a pool of 2 + 1 overflow, ordinary work holds at most two connections at once."""
+
+    @pytest.fixture
+    async def small_pool(self, db_url: str, engine: AsyncEngine) -> Any:
+        built = create_engine(
+            DatabaseSettings(
+                _env_file=None, url=db_url, pool_size=2, max_overflow=1, pool_timeout=0.3
+            )
+        )
+        yield built
+        await built.dispose()
+
+    @staticmethod
+    async def holding(small_pool: AsyncEngine, release: asyncio.Event) -> list[asyncio.Task[None]]:
+        """Two ordinary transactions that hold their connection until `release` is set."""
+        started = asyncio.Semaphore(0)
+
+        async def hold(tx: Tx) -> None:
+            await insert_conversation(tx, uuid.uuid4())
+            started.release()
+            await release.wait()
+
+        tasks = [asyncio.create_task(run_transaction(small_pool, hold)) for _ in range(2)]
+        for _ in tasks:
+            await asyncio.wait_for(started.acquire(), 5.0)
+        return tasks
+
+    async def test_urgent_work_runs_while_ordinary_work_waits_for_a_place(
+        self, small_pool: AsyncEngine
+    ) -> None:
+        release = asyncio.Event()
+        held = await self.holding(small_pool, release)
+        third = asyncio.create_task(run_transaction(small_pool, backend_pid))
+        await asyncio.sleep(0.1)
+        assert not third.done()
+        assert small_pool.sync_engine.pool.checkedout() == 2  # type: ignore[attr-defined]
+
+        urgent = await asyncio.wait_for(run_transaction(small_pool, backend_pid, urgent=True), 1.0)
+
+        assert isinstance(urgent, int)
+        release.set()
+        await asyncio.gather(*held)
+        assert isinstance(await third, int)
+
+    async def test_ordinary_work_without_a_place_in_time_is_a_pool_timeout(
+        self, small_pool: AsyncEngine
+    ) -> None:
+        release = asyncio.Event()
+        held = await self.holding(small_pool, release)
+
+        with pytest.raises(PoolTimeoutError, match=r"within 0\.3 s"):
+            await run_transaction(small_pool, backend_pid)
+
+        release.set()
+        await asyncio.gather(*held)
+        assert await count_rows(small_pool, "conversations") == 2
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)

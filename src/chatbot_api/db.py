@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
+from chatbot_api import sql
 from chatbot_api.config import DatabaseSettings
 
 NAMING_CONVENTION = {
@@ -83,7 +84,8 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     A PostgreSQL restart closes every connection's socket, which asyncpg notices while idle,
     so the checkout hook below drops a closed connection for free and the pool hands out
     another (SQLAlchemy's documented "pessimistic" disconnect handling, without the ping). A
-    break noticed only mid-transaction is retried by `sql.run_transaction`.
+    break noticed only mid-transaction is retried by `sql.run_transaction`. One of the pool's
+    connections is kept for storing replies (`sql.keep_a_connection_for_urgent_work`).
 
     On SQLite, WAL lets readers run beside the single writer, and `busy_timeout` makes a
     writer wait for the lock instead of failing at once.
@@ -121,6 +123,9 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         if getattr(driver, "is_closed", None) is not None and driver.is_closed():
             raise DisconnectionError("the connection was closed by the server")
 
+    sql.keep_a_connection_for_urgent_work(
+        engine, capacity=settings.pool_size + settings.max_overflow, timeout=settings.pool_timeout
+    )
     return engine
 
 

@@ -1,5 +1,6 @@
-"""Turns starting under load: they queue for a place among the turns starting, never for all
-of the pool, so a turn that has its reply can always store it."""
+"""New work under load (turns starting, API-key lookups): it queues for a place that leaves
+one of the pool's connections free, never for all of the pool, so a turn that has its reply
+can always store it."""
 
 from __future__ import annotations
 
@@ -62,6 +63,39 @@ async def test_a_reply_is_stored_while_turns_wait_to_start(
             assert response.status_code == 200
             assert response.json()["response"] == "stored at once"
             assert not any(w.done() for w in waiting)  # still held by the lock
+            await blocker.rollback()
+        assert [(await w).status_code for w in waiting] == [200, 200, 200]
+        stored = await messages(client, first)
+        assert [(m["role"], m["status"]) for m in stored] == [
+            ("user", "completed"),
+            ("assistant", "completed"),
+        ]
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_reply_is_stored_while_key_lookups_wait(
+    app_factory: Callable[..., Any], fake_llm: FakeLLM, engine: AsyncEngine
+) -> None:
+    # Every request's API key is looked up in a transaction of its own. Another session
+    # holds the keys table, so the lookups of the requests below hold their connection until
+    # it lets go: without the reserve, two of them would take both.
+    app = await app_factory(db={"pool_size": 2, "max_overflow": 0, "pool_timeout": 10.0})
+    assert app.state.settings.auth.mode == "enabled"
+    async with client_for(app) as client:
+        first = await create_conversation(client)
+        others = [await create_conversation(client) for _ in range(3)]
+        fake_llm.enqueue(Script(reply="stored at once", ttft=1.0))
+        turn = asyncio.create_task(send(client, first, "hello"))
+        await upstream_called(fake_llm)
+        async with engine.connect() as blocker:
+            await blocker.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+            waiting = [asyncio.create_task(send(client, c, "wait")) for c in others]
+            await lock_waiters(engine, 1)
+            assert not turn.done()  # its reply comes while the lookups wait
+            response = await asyncio.wait_for(turn, timeout=5.0)
+            assert response.status_code == 200
+            assert response.json()["response"] == "stored at once"
+            assert not any(w.done() for w in waiting)
             await blocker.rollback()
         assert [(await w).status_code for w in waiting] == [200, 200, 200]
         stored = await messages(client, first)

@@ -65,7 +65,7 @@ async def _tick(turns: TurnManager, *, renew: bool) -> bool | None:
     claims = [(b.conversation_id, b.claim_seq) for t in live if (b := t.begun)] if renew else None
     tick = functools.partial(_checkpoint, partials=partials, claims=claims, lease=turns.lease)
     try:
-        cancelled = await run_transaction(turns.engine, tick)
+        cancelled = await run_transaction(turns.engine, tick, urgent=True)
     except Exception as exc:
         logger.warning("checkpoint of %d turns failed: %s", len(live), type(exc).__name__)
         return False

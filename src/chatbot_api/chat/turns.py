@@ -4,8 +4,9 @@ A turn's lifetime, in order:
 
 1. `TurnManager.start()` runs the first short transaction (`service.begin_turn`) in the
    caller's task, so 404 / 409 / 422 reach the client as plain HTTP errors and nothing is
-   stored when they happen. Turns starting hold at most all but one of the pool's
-   connections, so under load the backlog queues for that, not ahead of replies to store.
+   stored when they happen. Like all new work it holds at most all but one of the pool's
+   connections (`sql.keep_a_connection_for_urgent_work`), so under load the backlog queues
+   for that, not ahead of replies to store.
 2. A background task calls the provider with no database connection checked out, appending
    each event to the turn's in-memory log as it arrives.
 3. One checkpointer per process (`chat.checkpoints`), not one per turn, stores the partial
@@ -29,12 +30,11 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.chat import service
@@ -90,11 +90,6 @@ class TurnManager:
         self._turns: dict[uuid.UUID, Turn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease = timedelta(seconds=settings.reliability.conversation_lease_seconds)
-        # Turns starting hold at most all but one of the pool's connections (`_start_slot`).
-        # On SQLite the engine keeps SQLAlchemy's default pool, larger than these settings:
-        # there the limit only caps how many turns start at once.
-        db = settings.db
-        self._starting = asyncio.Semaphore(max(1, db.pool_size + db.max_overflow - 1))
 
     @property
     def in_flight(self) -> int:
@@ -108,24 +103,6 @@ class TurnManager:
     def lease(self) -> timedelta:
         """How long a claim on a conversation lasts unless it is renewed."""
         return self._lease
-
-    @contextlib.asynccontextmanager
-    async def _start_slot(self) -> AsyncIterator[None]:
-        """A place among the turns starting. However many wait to start under load, a turn
-        that has its reply (or the checkpointer) finds a connection the starting turns cannot
-        take, instead of queueing behind them all: their backlog waits here, not in the pool.
-        Other work shares that connection: with API keys on, each new request's key lookup
-        (one statement) still queues in the pool. Waiting longer than `DB_POOL_TIMEOUT` is a
-        pool timeout (503), as for a connection."""
-        try:
-            async with asyncio.timeout(self._settings.db.pool_timeout):
-                await self._starting.acquire()
-        except TimeoutError:
-            raise PoolTimeoutError("too many turns waiting to start") from None
-        try:
-            yield
-        finally:
-            self._starting.release()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine, name=name)
@@ -186,8 +163,7 @@ class TurnManager:
 
         for attempt in range(2):
             try:
-                async with self._start_slot():
-                    begun = await run_transaction(self._engine, begin)
+                begun = await run_transaction(self._engine, begin)
                 break
             except IntegrityError:
                 # The same key was stored by a concurrent request after our lookup: this
@@ -408,6 +384,7 @@ class TurnManager:
                         error=error,
                         model_used=turn.model_used,
                     ),
+                    urgent=True,
                 )
                 return True
             except Exception as exc:

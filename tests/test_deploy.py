@@ -77,8 +77,8 @@ class TestCompose:
         assert web["env_file"][0]["path"] == ".env"
 
     def test_compiles_llama_cpp_with_the_makefiles_portable_flags(self) -> None:
-        # A native build (`-march=native`) crashed on a CPU with AMX, and an image built on one
-        # host must run on another: both builds use the same baseline flags.
+        # A native build (`-march=native`) crashed on a Xeon with AVX-512 and AMX, and an image
+        # built on one host must run on another: both builds use the same baseline flags.
         make = re.search(r"^LLAMA_CMAKE_ARGS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M)
         docker = re.search(r'^ARG LLAMA_CMAKE_ARGS="(.+)"$', _dockerfile(), re.MULTILINE)
         assert make is not None

@@ -31,7 +31,8 @@ from bench.servers import FakeConfig, Proc, Registry
 MB = 1024 * 1024
 # Held streams: a delta a second, all opened within the first few seconds.
 HELD_GAP = 1.0
-# After a burst of held streams: long enough for the idle keep-alive connections to close.
+# After a burst of held streams: longer than uvicorn's (5 s) and aiohttp's (15 s) keep-alive
+# timeouts, so the idle connections a burst leaves are closed.
 HELD_SETTLE = 20.0
 
 

@@ -108,25 +108,19 @@ def _usage_event(body: _UsageBody) -> Usage:
     return Usage(prompt, completion, body.get("total_tokens", 0) or prompt + completion)
 
 
-class _ErrorBody(BaseModel):
-    message: str | None = None
-    code: int | str | None = None
-    status: int | None = None
-
-
 class _ErrorEnvelope(BaseModel):
     """Error bodies: OpenAI/Groq `{"error": {...}}`, `{"error": "..."}`, vLLM's older
     `{"object": "error", "message": ...}` and FastAPI-style `{"detail": "..."}`."""
 
-    error: _ErrorBody | str | None = None
+    error: _ErrorFields | str | None = None
     message: str | None = None
     detail: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.error, _ErrorBody) and self.error.message:
-            return self.error.message
         if isinstance(self.error, str):
             return self.error
+        if self.error is not None and (message := self.error.get("message")):
+            return message
         return self.message or self.detail or ""
 
 

@@ -22,7 +22,7 @@ from chatbot_api.chat import statements as chat_statements
 from chatbot_api.config import DatabaseSettings
 from chatbot_api.conversations import service as conversations_service
 from chatbot_api.conversations.models import Conversation
-from chatbot_api.db import create_engine, utcnow
+from chatbot_api.db import create_engine, create_sessionmaker, utcnow
 from chatbot_api.sql import Prepared, Tx, run_transaction
 from tests.conftest import count_rows
 
@@ -150,6 +150,13 @@ async def backend_pid(tx: Tx) -> int:
     return pid
 
 
+async def orm_backend_pid(engine: AsyncEngine) -> int:
+    """The same through an ORM session, as the routes that read and delete run."""
+    async with create_sessionmaker(engine)() as session:
+        pid: int = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    return pid
+
+
 async def terminate(engine: AsyncEngine, pid: int) -> None:
     """What a PostgreSQL restart does to a connection, done to one alone."""
     async with engine.begin() as admin:
@@ -227,6 +234,79 @@ class TestTheKeptConnection:
         release.set()
         await asyncio.gather(*held)
         assert await count_rows(small_pool, "conversations") == 2
+
+    async def test_orm_sessions_wait_for_a_place_and_leave_the_kept_connection(
+        self, small_pool: AsyncEngine
+    ) -> None:
+        sessions = create_sessionmaker(small_pool)
+        async with sessions() as first, sessions() as second:
+            await first.execute(text("SELECT 1"))  # each now holds a connection (and a place)
+            await second.execute(text("SELECT 1"))
+            assert small_pool.sync_engine.pool.checkedout() == 2  # type: ignore[attr-defined]
+
+            async with sessions() as third:
+                with pytest.raises(PoolTimeoutError, match=r"within 0\.3 s"):
+                    await third.execute(text("SELECT 1"))
+            # The kept connection is still there for a reply to be stored.
+            urgent = await asyncio.wait_for(
+                run_transaction(small_pool, backend_pid, urgent=True), 1.0
+            )
+            assert isinstance(urgent, int)
+
+        # Checked in, the sessions' connections gave their places back.
+        async with sessions() as first, sessions() as second:
+            assert (await first.execute(text("SELECT 1"))).scalar() == 1
+            assert (await second.execute(text("SELECT 1"))).scalar() == 1
+
+    async def test_urgent_work_runs_while_orm_sessions_wait_for_a_place(
+        self, small_pool: AsyncEngine
+    ) -> None:
+        release = asyncio.Event()
+        held = await self.holding(small_pool, release)
+        waiting = asyncio.create_task(orm_backend_pid(small_pool))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+
+        assert isinstance(
+            await asyncio.wait_for(run_transaction(small_pool, backend_pid, urgent=True), 1.0),
+            int,
+        )
+        release.set()
+        await asyncio.gather(*held)
+        assert isinstance(await waiting, int)
+
+    async def test_a_failed_checkout_gives_its_place_back(self, db_url: str) -> None:
+        # Nothing listens on port 1: every connect fails at once. Had the first failure kept
+        # its place (the pool of 1 + 1 has one), the next would be a pool timeout instead.
+        unreachable = create_engine(
+            DatabaseSettings(
+                _env_file=None,
+                url="postgresql+asyncpg://postgres@127.0.0.1:1/none",
+                pool_size=1,
+                max_overflow=1,
+                pool_timeout=0.3,
+            )
+        )
+        try:
+            for _ in range(3):
+                # A refused connect is the bare OSError (`errors` answers it with a 503).
+                with pytest.raises(OSError, match="Connect call failed"):
+                    await run_transaction(unreachable, backend_pid)
+        finally:
+            await unreachable.dispose()
+
+    async def test_a_pool_of_one_keeps_nothing_back(self, db_url: str) -> None:
+        single = create_engine(
+            DatabaseSettings(
+                _env_file=None, url=db_url, pool_size=1, max_overflow=0, pool_timeout=0.3
+            )
+        )
+        try:
+            assert isinstance(await run_transaction(single, backend_pid), int)
+            async with create_sessionmaker(single)() as session:
+                assert (await session.execute(text("SELECT 1"))).scalar() == 1
+        finally:
+            await single.dispose()
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)

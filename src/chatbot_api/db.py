@@ -29,8 +29,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
-from chatbot_api import sql
 from chatbot_api.config import DatabaseSettings
+from chatbot_api.pool import KeepOneForUrgentWork
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -85,7 +85,7 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     so the checkout hook below drops a closed connection for free and the pool hands out
     another (SQLAlchemy's documented "pessimistic" disconnect handling, without the ping). A
     break noticed only mid-transaction is retried by `sql.run_transaction`. One of the pool's
-    connections is kept for storing replies (`sql.keep_a_connection_for_urgent_work`).
+    connections is kept for storing replies (`pool.KeepOneForUrgentWork`).
 
     On SQLite, WAL lets readers run beside the single writer, and `busy_timeout` makes a
     writer wait for the lock instead of failing at once.
@@ -114,6 +114,7 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,
         pool_recycle=1800,
+        poolclass=KeepOneForUrgentWork,
         connect_args={"timeout": settings.connect_timeout, "command_timeout": 30},
     )
 
@@ -123,9 +124,6 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         if getattr(driver, "is_closed", None) is not None and driver.is_closed():
             raise DisconnectionError("the connection was closed by the server")
 
-    sql.keep_a_connection_for_urgent_work(
-        engine, capacity=settings.pool_size + settings.max_overflow, timeout=settings.pool_timeout
-    )
     return engine
 
 

@@ -12,12 +12,11 @@ tuples; both raise SQLAlchemy's exceptions (`_translate`), so callers and the er
 see one behaviour.
 
 On PostgreSQL the pool keeps one connection for urgent work: storing a reply whose tokens
-were already sent, and the checkpointer (`run_transaction(..., urgent=True)`). Every other
-transaction run here (a turn starting, an API-key lookup, a new conversation, a cancel) holds
-at most all but one of the pool's connections, so under a surge the backlog of new work
-waits for a place (`keep_a_connection_for_urgent_work`), not in the pool's FIFO queue ahead
-of replies to store. Work through ORM sessions (`db.SessionDep`: listing, reading, deleting)
-does not pass here and can still take that connection.
+were already sent, and the checkpointer (`run_transaction(..., urgent=True)`). Everything
+else, here (a turn starting, an API-key lookup, a new conversation, a cancel) or through ORM
+sessions (`db.SessionDep`: listing, reading, deleting), holds at most all but one of the
+pool's connections, so under a surge the backlog of new work waits for a place
+(`pool.KeepOneForUrgentWork`), not in the pool's FIFO queue ahead of replies to store.
 
 Only statements whose SQL is fixed can be prepared: no `in_()` lists (expanded at execution),
 no multi-row `.values()` (executemany instead), and every column with a Python-side default
@@ -31,18 +30,18 @@ else uses `AsyncConnection`.
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql import Executable
 from sqlalchemy.util import greenlet_spawn
+
+from chatbot_api.pool import checkout_urgently
 
 T = TypeVar("T")
 Params = Mapping[str, Any]
@@ -182,42 +181,12 @@ def _translate(exc: Exception, sql: str, driver: asyncpg.Connection) -> Exceptio
     return exc
 
 
-class _Reserve:
-    """Places for ordinary work: all but one of a pool's connections. Waiting for one longer
-    than the pool's own timeout is a pool timeout, as waiting for a connection would be."""
-
-    __slots__ = ("_places", "_timeout")
-
-    def __init__(self, capacity: int, timeout: float) -> None:
-        self._places = asyncio.Semaphore(max(1, capacity - 1))
-        self._timeout = timeout
-
-    async def acquire(self) -> None:
-        if not self._places.locked():
-            await self._places.acquire()  # free: returns without suspending
-            return
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._places.acquire()
-        except TimeoutError:
-            raise PoolTimeoutError(
-                f"no connection for ordinary work within {self._timeout:g} s"
-            ) from None
-
-    def release(self) -> None:
-        self._places.release()
-
-
-_reserves: weakref.WeakKeyDictionary[Engine, _Reserve] = weakref.WeakKeyDictionary()
-
-
-def keep_a_connection_for_urgent_work(
-    engine: AsyncEngine, *, capacity: int, timeout: float
-) -> None:
-    """From now on, ordinary `run_transaction` work on `engine` holds at most `capacity - 1`
-    connections (`capacity` is the pool's size plus its overflow; a pool of one keeps
-    nothing back), and waits at most `timeout` seconds for a place."""
-    _reserves[engine.sync_engine] = _Reserve(capacity, timeout)
+async def _checkout(engine: AsyncEngine, urgent: bool) -> PoolProxiedConnection:
+    """A raw pool checkout (`pool.KeepOneForUrgentWork` decides who waits for a place)."""
+    if not urgent:
+        return await engine.raw_connection()
+    with checkout_urgently():
+        return await engine.raw_connection()
 
 
 async def run_transaction(
@@ -230,9 +199,9 @@ async def run_transaction(
     """`work(tx)` in one transaction, committed if it returns.
 
     `urgent=True` is for storing what clients were already sent (a finished reply, the
-    checkpointer's partial replies): it may take the connection ordinary work leaves free
-    (`keep_a_connection_for_urgent_work`). Ordinary work first waits for a place, and past
-    the pool's timeout raises SQLAlchemy's pool `TimeoutError`, as the pool itself would.
+    checkpointer's partial replies): it may take the connection the pool keeps back
+    (`pool.KeepOneForUrgentWork`). Ordinary work first waits for a place, and past the
+    pool's timeout raises SQLAlchemy's pool `TimeoutError`, as the pool itself would.
 
     `single_statement=True` is for work that is one statement: on PostgreSQL it then runs
     without BEGIN and COMMIT (a statement is its own transaction), one round trip instead of
@@ -244,19 +213,6 @@ async def run_transaction(
     outcome is unknown). The pool's checkout already drops connections it knows are closed
     (`db.create_engine`), so this is the rare case of a break noticed mid-transaction.
     """
-    reserve = None if urgent else _reserves.get(engine.sync_engine)
-    if reserve is None:
-        return await _run_transaction(engine, work, single_statement)
-    await reserve.acquire()
-    try:
-        return await _run_transaction(engine, work, single_statement)
-    finally:
-        reserve.release()
-
-
-async def _run_transaction(
-    engine: AsyncEngine, work: Callable[[Tx], Awaitable[T]], single_statement: bool
-) -> T:
     for attempt in range(2):
         committing = False
         try:
@@ -269,7 +225,7 @@ async def _run_transaction(
             # connect comes out as the driver's error and is wrapped here as SQLAlchemy would.
             dbapi_error = engine.dialect.loaded_dbapi.Error
             try:
-                pooled = await engine.raw_connection()
+                pooled = await _checkout(engine, urgent)
             except dbapi_error as exc:
                 raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
             driver: asyncpg.Connection = pooled.driver_connection

@@ -5,7 +5,7 @@ A turn's lifetime, in order:
 1. `TurnManager.start()` runs the first short transaction (`service.begin_turn`) in the
    caller's task, so 404 / 409 / 422 reach the client as plain HTTP errors and nothing is
    stored when they happen. Like all new work it holds at most all but one of the pool's
-   connections (`sql.keep_a_connection_for_urgent_work`), so under load the backlog queues
+   connections (`pool.KeepOneForUrgentWork`), so under load the backlog queues
    for that, not ahead of replies to store.
 2. A background task calls the provider with no database connection checked out, appending
    each event to the turn's in-memory log as it arrives.

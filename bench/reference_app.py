@@ -1,13 +1,16 @@
 """The efficiency reference: a raw ASGI app on uvicorn with asyncpg and aiohttp, doing for a turn
 the same statements the app does (see `chatbot_api.chat.service`), with no framework and no ORM.
 
-    transaction 1   UPDATE conversations ... RETURNING next_seq, system_prompt   (claim)
-                    SELECT seq, role, content, token_count FROM messages ...      (history,
-                        newest first, in batches, until the context budget is spent)
+    transaction     WITH claimed AS (UPDATE conversations ... RETURNING next_seq, ...)
+                    SELECT ... FROM claimed LEFT JOIN LATERAL (SELECT ... FROM messages
+                        ...) (the claim and the first page of history, newest first)
+                    SELECT ... FROM messages ...  (more history, in batches, until the
+                        context budget is spent: rarely)
                     INSERT INTO messages ... VALUES (user), (assistant placeholder)
     no connection   POST {llm}/chat/completions, streamed, parsed chunk by chunk
-    transaction 2   UPDATE messages SET content, status, usage ... WHERE id = reply
-                    UPDATE conversations SET busy_until = NULL ... WHERE next_seq = claim
+    one statement   WITH finished AS (UPDATE messages SET content, status, usage ...
+                        WHERE id = reply) UPDATE conversations SET busy_until = NULL ...
+                        WHERE next_seq = claim
 
 Routes: POST /api/v1/conversations, POST /api/v1/conversations/{id}/messages (JSON, or SSE
 with `"stream": true`), GET /health. Tokens are counted with the app's own estimator, so
@@ -34,18 +37,26 @@ SYSTEM = "You are a helpful, concise assistant. Always answer in the language th
 CONTEXT_WINDOW, REPLY_TOKENS, PER_MESSAGE, OVERHEAD = 128_000, 1024, 4, 8
 LEASE = timedelta(seconds=600)
 
-CLAIM = """UPDATE conversations SET next_seq = next_seq + 2, busy_until = $2, updated_at = $3
-WHERE id = $1 AND (busy_until IS NULL OR busy_until < $3) RETURNING next_seq, system_prompt"""
+# The claim and the first page of history in one statement, as the app runs it.
+CLAIM = """WITH claimed AS (UPDATE conversations SET next_seq = next_seq + 2, busy_until = $2,
+updated_at = $3 WHERE id = $1 AND (busy_until IS NULL OR busy_until < $3)
+RETURNING next_seq, system_prompt)
+SELECT claimed.next_seq, claimed.system_prompt, recent.seq, recent.role, recent.content,
+recent.token_count FROM claimed LEFT JOIN LATERAL (SELECT seq, role, content, token_count
+FROM messages WHERE conversation_id = $1 AND seq < claimed.next_seq - 2
+AND status IN ('completed', 'incomplete', 'cancelled') ORDER BY seq DESC LIMIT $4) AS recent
+ON true ORDER BY recent.seq DESC NULLS LAST"""
 HISTORY = """SELECT seq, role, content, token_count FROM messages
 WHERE conversation_id = $1 AND seq < $2 AND status IN ('completed', 'incomplete', 'cancelled')
 ORDER BY seq DESC LIMIT $3"""
 INSERT = """INSERT INTO messages (id, conversation_id, seq, role, content, status, token_count,
 model_used, created_at, completed_at) VALUES ($1, $2, $3, 'user', $4, 'completed', $5, NULL,
 $6, $6), ($7, $2, $3 + 1, 'assistant', '', 'streaming', 0, $8, $6, NULL)"""
-FINISH = """UPDATE messages SET content = $2, status = $3, token_count = $4, usage = $5::jsonb,
-finish_reason = $6, error = NULL, model_used = $7, completed_at = $8 WHERE id = $1"""
-RELEASE = """UPDATE conversations SET busy_until = NULL, updated_at = $2
-WHERE id = $1 AND next_seq = $3"""
+# The reply stored and the claim released in one statement (no BEGIN, no COMMIT), as the app.
+FINISH = """WITH finished AS (UPDATE messages SET content = $2, status = $3, token_count = $4,
+usage = $5::jsonb, finish_reason = $6, error = NULL, model_used = $7, completed_at = $8
+WHERE id = $1)
+UPDATE conversations SET busy_until = NULL, updated_at = $8 WHERE id = $9 AND next_seq = $10"""
 CREATE = """INSERT INTO conversations (id, next_seq, created_at, updated_at)
 VALUES ($1, 1, $2, $2)"""
 # With an owner column (API keys), new conversations belong to the owner the app used.
@@ -121,16 +132,19 @@ class Reference:
         now = datetime.now(UTC)
         text_tokens = self.tokens.count(text)
         async with self.pool.acquire() as conn, conn.transaction():
-            claimed = await conn.fetchrow(CLAIM, cid, now + LEASE, now)
-            if claimed is None:
+            batch = 64
+            claimed = await conn.fetch(CLAIM, cid, now + LEASE, now, batch)
+            if not claimed:
                 return None
-            claim_seq, system = claimed["next_seq"], claimed["system_prompt"] or SYSTEM
+            claim_seq, system = claimed[0]["next_seq"], claimed[0]["system_prompt"] or SYSTEM
             room = CONTEXT_WINDOW - REPLY_TOKENS - OVERHEAD - PER_MESSAGE * 2
             room -= self.tokens.count(system) + text_tokens
             history: list[dict[str, str]] = []
-            cursor, used, batch, full = claim_seq - 2, 0, 64, False
+            cursor, used, full = claim_seq - 2, 0, False
+            rows: list[Any] | None = [row for row in claimed if row["seq"] is not None]
             while not full:
-                rows = await conn.fetch(HISTORY, cid, cursor, batch)
+                if rows is None:
+                    rows = await conn.fetch(HISTORY, cid, cursor, batch)
                 for row in rows:
                     cost = row["token_count"] + PER_MESSAGE
                     if used + cost > room:
@@ -141,7 +155,7 @@ class Reference:
                         history.append({"role": row["role"], "content": row["content"]})
                 if len(rows) < batch:
                     break
-                batch = min(1024, batch * 4)
+                rows, batch = None, min(1024, batch * 4)
             history.reverse()
             user_id, reply_id = uuid.uuid4(), uuid.uuid4()
             await conn.execute(
@@ -222,12 +236,21 @@ class Reference:
         assert self.pool is not None
         now = datetime.now(UTC)
         tokens = usage["completion_tokens"] if usage else self.tokens.count(reply)
-        async with self.pool.acquire() as conn, conn.transaction():
-            usage_json = json.dumps(usage) if usage else None
+        usage_json = json.dumps(usage) if usage else None
+        async with self.pool.acquire() as conn:
             await conn.execute(
-                FINISH, reply_id, reply, "completed", tokens, usage_json, finish, "fake", now
+                FINISH,
+                reply_id,
+                reply,
+                "completed",
+                tokens,
+                usage_json,
+                finish,
+                "fake",
+                now,
+                cid,
+                claim_seq,
             )
-            await conn.execute(RELEASE, cid, now, claim_seq)
 
 
 SSE_HEADERS = [

@@ -92,7 +92,13 @@ class Prepared:
 
 
 class Tx(Protocol):
-    """One transaction of the hot path. Rows unpack as tuples."""
+    """One transaction of the hot path. Rows unpack as tuples.
+
+    `combines_writes` is True where several writes can be one statement (PostgreSQL runs
+    an UPDATE inside a WITH; SQLite does not): work that uses such a statement then runs as
+    `single_statement`, one round trip with no BEGIN or COMMIT."""
+
+    combines_writes: bool
 
     async def all(self, statement: Prepared, params: Params = _NO_PARAMS) -> Sequence[Row]: ...
 
@@ -107,6 +113,7 @@ class _CoreTx:
     """Through SQLAlchemy: every backend but PostgreSQL."""
 
     __slots__ = ("_conn",)
+    combines_writes = False
 
     def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
@@ -129,6 +136,7 @@ class _AsyncpgTx:
     """Straight on the asyncpg connection (its own statement cache prepares each SQL once)."""
 
     __slots__ = ("_dialect", "_driver")
+    combines_writes = True
 
     def __init__(self, driver: asyncpg.Connection, dialect: Dialect) -> None:
         self._driver = driver

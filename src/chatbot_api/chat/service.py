@@ -1,10 +1,11 @@
 """The storage side of a turn, in two short transactions with no connection held between them.
 
 1. `begin_turn`: claim the conversation and allocate two sequence numbers in one conditional
-   UPDATE, read as much recent history as fits the model's window, and insert the user message
-   plus the assistant placeholder (status `streaming`) in one round trip.
+   UPDATE, read as much recent history as fits the model's window (the first page in the
+   claim's own statement on PostgreSQL), and insert the user message plus the assistant
+   placeholder (status `streaming`) in one round trip.
 2. `finish_turn`: store the reply's text, status, usage and finish reason, and release the
-   claim, but only if this turn still holds it.
+   claim, but only if this turn still holds it: one statement on PostgreSQL.
 
 This is the hot path of the service, so it is SQLAlchemy Core, not ORM entities in a session:
 the statements are built once, at import, in `chat.statements`, and run as `sql.Prepared`
@@ -29,7 +30,7 @@ from chatbot_api.conversations.models import MessageRole, MessageStatus
 from chatbot_api.db import new_id, utcnow
 from chatbot_api.errors import ContextTooLong, ConversationBusy, IdempotencyConflict, NotFound
 from chatbot_api.llm.base import ChatMessage, Usage
-from chatbot_api.sql import Tx
+from chatbot_api.sql import Row, Tx
 
 # The first history read usually covers the whole window; later ones widen geometrically.
 FIRST_BATCH = 64
@@ -98,7 +99,7 @@ async def begin_turn(
     rolls the transaction back, so nothing is stored.
     """
     now = now or utcnow()
-    claim_seq, stored_prompt = await _claim(
+    claim_seq, stored_prompt, first_page = await _claim(
         tx, conversation_id, owner_id=owner_id, now=now, lease=lease
     )
     user_seq = claim_seq - 2
@@ -114,7 +115,12 @@ async def begin_turn(
             f"{budget.context_window}-token context window."
         )
     history, history_tokens = await _read_history(
-        tx, conversation_id, before_seq=user_seq, room=room, per_message=budget.per_message
+        tx,
+        conversation_id,
+        before_seq=user_seq,
+        room=room,
+        per_message=budget.per_message,
+        first_page=first_page,
     )
     user_id, assistant_id = new_id(), new_id()
     await tx.run_many(
@@ -165,15 +171,29 @@ async def _claim(
     owner_id: uuid.UUID,
     now: datetime,
     lease: timedelta,
-) -> tuple[int, str | None]:
+) -> tuple[int, str | None, Sequence[Row] | None]:
     """Take the conversation for this turn and allocate two sequence numbers, atomically.
-    Returns the new `next_seq` and the conversation's system prompt."""
-    params = {"p_id": conversation_id, "p_owner": owner_id, "p_now": now, "p_until": now + lease}
+    Returns the new `next_seq`, the conversation's system prompt and, where the backend reads
+    it in the same statement (`CLAIM_WITH_HISTORY`), the first page of history."""
+    params = {
+        "p_id": conversation_id,
+        "p_owner": owner_id,
+        "p_now": now,
+        "p_until": now + lease,
+        "p_limit": FIRST_BATCH,
+    }
     for _ in range(CLAIM_ATTEMPTS):
-        claimed = await tx.first(statements.CLAIM, params)
-        if claimed is not None:
-            next_seq, system_prompt = claimed
-            return next_seq, system_prompt
+        if tx.combines_writes:
+            rows = await tx.all(statements.CLAIM_WITH_HISTORY, params)
+            if rows:
+                next_seq, system_prompt = rows[0][0], rows[0][1]
+                page = [row[2:] for row in rows if row[2] is not None]
+                return next_seq, system_prompt, page
+        else:
+            claimed = await tx.first(statements.CLAIM, params)
+            if claimed is not None:
+                next_seq, system_prompt = claimed
+                return next_seq, system_prompt, None
         found = await tx.first(statements.BUSY_UNTIL, params)
         if found is None:
             raise conversations.conversation_not_found()
@@ -193,12 +213,14 @@ async def _read_history(
     before_seq: int,
     room: int,
     per_message: int,
+    first_page: Sequence[Row] | None = None,
 ) -> tuple[list[ChatMessage], int]:
     """The most recent messages that fit in `room` tokens, oldest first.
 
     Reads newest-first and stops at the first message that does not fit. After the first
-    batch, the next one is sized from the average cost seen so far, so the rows read stay
-    close to what fits, however long the conversation is.
+    batch (`first_page`, if the claim already read it), the next one is sized from the
+    average cost seen so far, so the rows read stay close to what fits, however long the
+    conversation is.
     """
     newest_first: list[ChatMessage] = []
     used = 0
@@ -206,11 +228,13 @@ async def _read_history(
     batch = FIRST_BATCH
     cursor = before_seq
     assistant = MessageRole.ASSISTANT.value
+    rows = first_page
     while True:
-        rows = await tx.all(
-            statements.HISTORY,
-            {"p_conversation": conversation_id, "p_before": cursor, "p_limit": batch},
-        )
+        if rows is None:
+            rows = await tx.all(
+                statements.HISTORY,
+                {"p_conversation": conversation_id, "p_before": cursor, "p_limit": batch},
+            )
         for seq, role, content, tokens in rows:
             cost = tokens + per_message
             if used + cost > room:
@@ -226,6 +250,7 @@ async def _read_history(
         if len(rows) < batch:
             newest_first.reverse()
             return newest_first, used
+        rows = None
         average = max(1.0, used / max(1, seen))
         batch = max(16, min(MAX_BATCH, int((room - used) / average * 1.2) + 8))
 
@@ -243,31 +268,34 @@ async def finish_turn(
     model_used: str,
 ) -> None:
     """Store the reply and release the conversation, unless a later turn took it over after
-    our claim expired (then its `next_seq` has moved on and the release is a no-op)."""
-    now = utcnow()
-    await tx.run(
-        statements.FINISH,
-        {
-            "p_id": turn.assistant_message_id,
-            "p_content": content,
-            "p_status": status.value,
-            "p_tokens": token_count,
-            "p_usage": None
-            if usage is None
-            else {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total_tokens,
-            },
-            "p_finish": finish_reason,
-            "p_error": error,
-            "p_model": model_used,
-            "p_now": now,
+    our claim expired (then its `next_seq` has moved on and the release is a no-op).
+
+    One statement where the backend allows it (`Tx.combines_writes`), so the caller runs it
+    as `single_statement`. Running it again changes nothing: a retry is always safe."""
+    params = {
+        "p_id": turn.assistant_message_id,
+        "p_content": content,
+        "p_status": status.value,
+        "p_tokens": token_count,
+        "p_usage": None
+        if usage is None
+        else {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
         },
-    )
-    await tx.run(
-        statements.RELEASE, {"p_id": turn.conversation_id, "p_claim": turn.claim_seq, "p_now": now}
-    )
+        "p_finish": finish_reason,
+        "p_error": error,
+        "p_model": model_used,
+        "p_now": utcnow(),
+        "p_conversation": turn.conversation_id,
+        "p_claim": turn.claim_seq,
+    }
+    if tx.combines_writes:
+        await tx.run(statements.FINISH_AND_RELEASE, params)
+    else:
+        await tx.run(statements.FINISH, params)
+        await tx.run(statements.RELEASE, params)
 
 
 async def store_partials(tx: Tx, partials: Sequence[tuple[uuid.UUID, str]]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, insert, or_, select, true, update
 
 from chatbot_api.conversations.models import (
     Conversation,
@@ -25,7 +25,7 @@ idempotency_t = cast(Table, IdempotencyKey.__table__)
 _c, _m, _i = conversations_t.c, messages_t.c, idempotency_t.c
 
 # Parameter names start with `p_`: SQLAlchemy reserves column names for VALUES / SET.
-CLAIM = Prepared(
+_claim = (
     update(conversations_t)
     .where(
         _c.id == bindparam("p_id"),
@@ -37,21 +37,50 @@ CLAIM = Prepared(
     )
     .returning(_c.next_seq, _c.system_prompt)
 )
+CLAIM = Prepared(_claim)
 BUSY_UNTIL = Prepared(
     select(_c.busy_until).where(_c.id == bindparam("p_id"), _c.owner_id == bindparam("p_owner"))
 )
+# Not `in_()`: its list is expanded at execution, so the SQL would not be fixed.
+_in_context = or_(*(_m.status == status for status in CONTEXT_STATUSES))
 HISTORY = Prepared(
     select(_m.seq, _m.role, _m.content, _m.token_count)
     .where(
         _m.conversation_id == bindparam("p_conversation"),
         _m.seq < bindparam("p_before"),
-        # Not `in_()`: its list is expanded at execution, so the SQL would not be fixed.
-        or_(*(_m.status == status for status in CONTEXT_STATUSES)),
+        _in_context,
     )
     .order_by(_m.seq.desc())
     .limit(bindparam("p_limit"))
 )
-
+# The claim and the first page of history in one round trip, where the backend runs an
+# UPDATE inside a WITH (PostgreSQL; `sql.Tx.combines_writes`): no row if the claim failed,
+# else one row per message read (at least one, its message columns NULL if there is none).
+# The read sees the table as it was before the statement, which the claim does not change.
+_claimed = _claim.cte("claimed")
+_recent = (
+    select(_m.seq, _m.role, _m.content, _m.token_count)
+    .where(
+        _m.conversation_id == bindparam("p_id"),
+        _m.seq < _claimed.c.next_seq - 2,
+        _in_context,
+    )
+    .order_by(_m.seq.desc())
+    .limit(bindparam("p_limit"))
+    .lateral("recent")
+)
+CLAIM_WITH_HISTORY = Prepared(
+    select(
+        _claimed.c.next_seq,
+        _claimed.c.system_prompt,
+        _recent.c.seq,
+        _recent.c.role,
+        _recent.c.content,
+        _recent.c.token_count,
+    )
+    .select_from(_claimed.outerjoin(_recent, true()))
+    .order_by(_recent.c.seq.desc().nulls_last())
+)
 
 # Both rows of a turn go in one executemany: one round trip (asyncpg pipelines it, and
 # SQLAlchemy's insertmanyvalues makes it one statement elsewhere).
@@ -69,7 +98,7 @@ INSERT_MESSAGE = Prepared(
         completed_at=bindparam("p_completed"),
     )
 )
-FINISH = Prepared(
+_finish = (
     update(messages_t)
     .where(_m.id == bindparam("p_id"))
     .values(
@@ -83,11 +112,16 @@ FINISH = Prepared(
         completed_at=bindparam("p_now"),
     )
 )
-RELEASE = Prepared(
+_release = (
     update(conversations_t)
-    .where(_c.id == bindparam("p_id"), _c.next_seq == bindparam("p_claim"))
+    .where(_c.id == bindparam("p_conversation"), _c.next_seq == bindparam("p_claim"))
     .values(busy_until=None, updated_at=bindparam("p_now"))
 )
+FINISH = Prepared(_finish)
+RELEASE = Prepared(_release)
+# Both in one statement where the backend takes writes in a WITH (PostgreSQL): one round trip
+# and no BEGIN or COMMIT, atomic all the same (`sql.Tx.combines_writes`).
+FINISH_AND_RELEASE = Prepared(_release.add_cte(_finish.cte("finished")))
 STORE_PARTIAL = Prepared(
     update(messages_t)
     .where(_m.id == bindparam("p_id"), _m.status == MessageStatus.STREAMING)

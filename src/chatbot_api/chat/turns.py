@@ -384,6 +384,7 @@ class TurnManager:
                         error=error,
                         model_used=turn.model_used,
                     ),
+                    single_statement=True,  # on PostgreSQL; a retry is safe (finish_turn)
                     urgent=True,
                 )
                 return True

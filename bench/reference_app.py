@@ -1,12 +1,13 @@
 """The efficiency reference: a raw ASGI app on uvicorn with asyncpg and aiohttp, doing for a turn
 the same statements the app does (see `chatbot_api.chat.service`), with no framework and no ORM.
 
-    transaction     WITH claimed AS (UPDATE conversations ... RETURNING next_seq, ...)
+    transaction     WITH claimed AS (UPDATE conversations ... RETURNING next_seq, ...),
+                        inserted AS (INSERT INTO messages ... SELECT ... FROM claimed)
                     SELECT ... FROM claimed LEFT JOIN LATERAL (SELECT ... FROM messages
-                        ...) (the claim and the first page of history, newest first)
+                        ...) (the claim, the user message and the reply placeholder, and
+                        the first page of history, newest first)
                     SELECT ... FROM messages ...  (more history, in batches, until the
                         context budget is spent: rarely)
-                    INSERT INTO messages ... VALUES (user), (assistant placeholder)
     no connection   POST {llm}/chat/completions, streamed, parsed chunk by chunk
     one statement   WITH finished AS (UPDATE messages SET content, status, usage ...
                         WHERE id = reply) UPDATE conversations SET busy_until = NULL ...
@@ -37,10 +38,16 @@ SYSTEM = "You are a helpful, concise assistant. Always answer in the language th
 CONTEXT_WINDOW, REPLY_TOKENS, PER_MESSAGE, OVERHEAD = 128_000, 1024, 4, 8
 LEASE = timedelta(seconds=600)
 
-# The claim and the first page of history in one statement, as the app runs it.
+# The claim, both messages and the first page of history in one statement, as the app runs it.
 CLAIM = """WITH claimed AS (UPDATE conversations SET next_seq = next_seq + 2, busy_until = $2,
 updated_at = $3 WHERE id = $1 AND (busy_until IS NULL OR busy_until < $3)
-RETURNING next_seq, system_prompt)
+RETURNING next_seq, system_prompt),
+inserted AS (INSERT INTO messages (id, conversation_id, seq, role, content, status,
+token_count, model_used, created_at, completed_at)
+SELECT $5::uuid, $1, next_seq - 2, 'user', $6::text, 'completed', $7::int, NULL, $3, $3
+FROM claimed UNION ALL
+SELECT $8::uuid, $1, next_seq - 1, 'assistant', '', 'streaming', 0, $9::text, $3, NULL
+FROM claimed)
 SELECT claimed.next_seq, claimed.system_prompt, recent.seq, recent.role, recent.content,
 recent.token_count FROM claimed LEFT JOIN LATERAL (SELECT seq, role, content, token_count
 FROM messages WHERE conversation_id = $1 AND seq < claimed.next_seq - 2
@@ -49,9 +56,6 @@ ON true ORDER BY recent.seq DESC NULLS LAST"""
 HISTORY = """SELECT seq, role, content, token_count FROM messages
 WHERE conversation_id = $1 AND seq < $2 AND status IN ('completed', 'incomplete', 'cancelled')
 ORDER BY seq DESC LIMIT $3"""
-INSERT = """INSERT INTO messages (id, conversation_id, seq, role, content, status, token_count,
-model_used, created_at, completed_at) VALUES ($1, $2, $3, 'user', $4, 'completed', $5, NULL,
-$6, $6), ($7, $2, $3 + 1, 'assistant', '', 'streaming', 0, $8, $6, NULL)"""
 # The reply stored and the claim released in one statement (no BEGIN, no COMMIT), as the app.
 FINISH = """WITH finished AS (UPDATE messages SET content = $2, status = $3, token_count = $4,
 usage = $5::jsonb, finish_reason = $6, error = NULL, model_used = $7, completed_at = $8
@@ -133,7 +137,10 @@ class Reference:
         text_tokens = self.tokens.count(text)
         async with self.pool.acquire() as conn, conn.transaction():
             batch = 64
-            claimed = await conn.fetch(CLAIM, cid, now + LEASE, now, batch)
+            user_id, reply_id = uuid.uuid4(), uuid.uuid4()
+            claimed = await conn.fetch(
+                CLAIM, cid, now + LEASE, now, batch, user_id, text, text_tokens, reply_id, "fake"
+            )
             if not claimed:
                 return None
             claim_seq, system = claimed[0]["next_seq"], claimed[0]["system_prompt"] or SYSTEM
@@ -157,10 +164,6 @@ class Reference:
                     break
                 rows, batch = None, min(1024, batch * 4)
             history.reverse()
-            user_id, reply_id = uuid.uuid4(), uuid.uuid4()
-            await conn.execute(
-                INSERT, user_id, cid, claim_seq - 2, text, text_tokens, now, reply_id, "fake"
-            )
         system_message = {"role": "system", "content": system}
         messages = [system_message, *history, {"role": "user", "content": text}]
         return claim_seq, user_id, reply_id, messages

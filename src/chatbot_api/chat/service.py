@@ -1,9 +1,10 @@
 """The storage side of a turn, in two short transactions with no connection held between them.
 
 1. `begin_turn`: claim the conversation and allocate two sequence numbers in one conditional
-   UPDATE, read as much recent history as fits the model's window (the first page in the
-   claim's own statement on PostgreSQL), and insert the user message plus the assistant
-   placeholder (status `streaming`) in one round trip.
+   UPDATE, insert the user message plus the assistant placeholder (status `streaming`), and
+   read as much recent history as fits the model's window. On PostgreSQL the claim, both
+   messages and the first page of history are one statement (`statements.BEGIN_TURN`); a
+   message too long for the window rolls all of it back.
 2. `finish_turn`: store the reply's text, status, usage and finish reason, and release the
    claim, but only if this turn still holds it: one statement on PostgreSQL.
 
@@ -99,8 +100,24 @@ async def begin_turn(
     rolls the transaction back, so nothing is stored.
     """
     now = now or utcnow()
+    user_id, assistant_id = new_id(), new_id()
     claim_seq, stored_prompt, first_page = await _claim(
-        tx, conversation_id, owner_id=owner_id, now=now, lease=lease
+        tx,
+        {
+            "p_id": conversation_id,
+            "p_owner": owner_id,
+            "p_now": now,
+            "p_until": now + lease,
+            "p_limit": FIRST_BATCH,
+            # What `BEGIN_TURN` inserts along with the claim (PostgreSQL).
+            "p_user_id": user_id,
+            "p_text": text,
+            "p_text_tokens": text_tokens,
+            "p_reply_id": assistant_id,
+            "p_model": model_used,
+        },
+        now=now,
+        combined=tx.combines_writes,
     )
     user_seq = claim_seq - 2
     system_prompt: str = stored_prompt or default_system_prompt
@@ -122,36 +139,36 @@ async def begin_turn(
         per_message=budget.per_message,
         first_page=first_page,
     )
-    user_id, assistant_id = new_id(), new_id()
-    await tx.run_many(
-        statements.INSERT_MESSAGE,
-        [
-            {
-                "p_id": user_id,
-                "p_conversation": conversation_id,
-                "p_seq": user_seq,
-                "p_role": MessageRole.USER.value,
-                "p_content": text,
-                "p_status": MessageStatus.COMPLETED.value,
-                "p_tokens": text_tokens,
-                "p_model": None,
-                "p_now": now,
-                "p_completed": now,
-            },
-            {
-                "p_id": assistant_id,
-                "p_conversation": conversation_id,
-                "p_seq": user_seq + 1,
-                "p_role": MessageRole.ASSISTANT.value,
-                "p_content": "",
-                "p_status": MessageStatus.STREAMING.value,
-                "p_tokens": 0,
-                "p_model": model_used,
-                "p_now": now,
-                "p_completed": None,
-            },
-        ],
-    )
+    if not tx.combines_writes:
+        await tx.run_many(
+            statements.INSERT_MESSAGE,
+            [
+                {
+                    "p_id": user_id,
+                    "p_conversation": conversation_id,
+                    "p_seq": user_seq,
+                    "p_role": MessageRole.USER.value,
+                    "p_content": text,
+                    "p_status": MessageStatus.COMPLETED.value,
+                    "p_tokens": text_tokens,
+                    "p_model": None,
+                    "p_now": now,
+                    "p_completed": now,
+                },
+                {
+                    "p_id": assistant_id,
+                    "p_conversation": conversation_id,
+                    "p_seq": user_seq + 1,
+                    "p_role": MessageRole.ASSISTANT.value,
+                    "p_content": "",
+                    "p_status": MessageStatus.STREAMING.value,
+                    "p_tokens": 0,
+                    "p_model": model_used,
+                    "p_now": now,
+                    "p_completed": None,
+                },
+            ],
+        )
     context = [ChatMessage("system", system_prompt), *history, ChatMessage("user", text)]
     return BegunTurn(
         conversation_id=conversation_id,
@@ -165,35 +182,22 @@ async def begin_turn(
 
 
 async def _claim(
-    tx: Tx,
-    conversation_id: uuid.UUID,
-    *,
-    owner_id: uuid.UUID,
-    now: datetime,
-    lease: timedelta,
+    tx: Tx, params: dict[str, Any], *, now: datetime, combined: bool
 ) -> tuple[int, str | None, Sequence[Row] | None]:
     """Take the conversation for this turn and allocate two sequence numbers, atomically.
-    Returns the new `next_seq`, the conversation's system prompt and, where the backend reads
-    it in the same statement (`CLAIM_WITH_HISTORY`), the first page of history."""
-    params = {
-        "p_id": conversation_id,
-        "p_owner": owner_id,
-        "p_now": now,
-        "p_until": now + lease,
-        "p_limit": FIRST_BATCH,
-    }
+    Returns the new `next_seq`, the conversation's system prompt and, if `combined`
+    (`BEGIN_TURN`: both messages inserted and the first page of history read in the same
+    statement), that page."""
     for _ in range(CLAIM_ATTEMPTS):
-        if tx.combines_writes:
-            rows = await tx.all(statements.CLAIM_WITH_HISTORY, params)
+        if combined:
+            rows = await tx.all(statements.BEGIN_TURN, params)
             if rows:
-                next_seq, system_prompt = rows[0][0], rows[0][1]
                 page = [row[2:] for row in rows if row[2] is not None]
-                return next_seq, system_prompt, page
+                return rows[0][0], rows[0][1], page
         else:
             claimed = await tx.first(statements.CLAIM, params)
             if claimed is not None:
-                next_seq, system_prompt = claimed
-                return next_seq, system_prompt, None
+                return claimed[0], claimed[1], None
         found = await tx.first(statements.BUSY_UNTIL, params)
         if found is None:
             raise conversations.conversation_not_found()

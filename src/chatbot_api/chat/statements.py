@@ -4,14 +4,26 @@ names for VALUES and SET). See `chatbot_api.sql` for how they run."""
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, insert, or_, select, true, update
+from sqlalchemy import (
+    Table,
+    bindparam,
+    delete,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    union_all,
+    update,
+)
 
 from chatbot_api.conversations.models import (
     Conversation,
     IdempotencyKey,
     Message,
+    MessageRole,
     MessageStatus,
 )
 from chatbot_api.sql import Prepared
@@ -53,35 +65,6 @@ HISTORY = Prepared(
     .order_by(_m.seq.desc())
     .limit(bindparam("p_limit"))
 )
-# The claim and the first page of history in one round trip, where the backend runs an
-# UPDATE inside a WITH (PostgreSQL; `sql.Tx.combines_writes`): no row if the claim failed,
-# else one row per message read (at least one, its message columns NULL if there is none).
-# The read sees the table as it was before the statement, which the claim does not change.
-_claimed = _claim.cte("claimed")
-_recent = (
-    select(_m.seq, _m.role, _m.content, _m.token_count)
-    .where(
-        _m.conversation_id == bindparam("p_id"),
-        _m.seq < _claimed.c.next_seq - 2,
-        _in_context,
-    )
-    .order_by(_m.seq.desc())
-    .limit(bindparam("p_limit"))
-    .lateral("recent")
-)
-CLAIM_WITH_HISTORY = Prepared(
-    select(
-        _claimed.c.next_seq,
-        _claimed.c.system_prompt,
-        _recent.c.seq,
-        _recent.c.role,
-        _recent.c.content,
-        _recent.c.token_count,
-    )
-    .select_from(_claimed.outerjoin(_recent, true()))
-    .order_by(_recent.c.seq.desc().nulls_last())
-)
-
 # Both rows of a turn go in one executemany: one round trip (asyncpg pipelines it, and
 # SQLAlchemy's insertmanyvalues makes it one statement elsewhere).
 INSERT_MESSAGE = Prepared(
@@ -97,6 +80,90 @@ INSERT_MESSAGE = Prepared(
         created_at=bindparam("p_now"),
         completed_at=bindparam("p_completed"),
     )
+)
+
+
+def _param(name: str, column: str) -> Any:
+    """A named parameter typed as the `messages` column it goes in (the SELECT of an INSERT
+    gives PostgreSQL nothing to infer a parameter's type from)."""
+    return bindparam(name, type_=_m[column].type)
+
+
+def _constant(value: Any, column: str) -> Any:
+    return literal(value, type_=_m[column].type)
+
+
+# A turn's start in one round trip where the backend runs writes inside a WITH (PostgreSQL;
+# `sql.Tx.combines_writes`): the claim, both messages (numbered from the claim, as
+# `INSERT_MESSAGE` would store them) and the first page of history. No row if the claim
+# failed, and then nothing was inserted either; else one row per message read, at least one
+# (its message columns NULL if there is none). The read sees the table as it was before the
+# statement: not the two messages it inserts, and not the claim, which it does not need.
+_claimed = _claim.cte("claimed")
+_MESSAGE_COLUMNS = (
+    "id",
+    "conversation_id",
+    "seq",
+    "role",
+    "content",
+    "status",
+    "token_count",
+    "model_used",
+    "created_at",
+    "completed_at",
+)
+_user_row = select(
+    _param("p_user_id", "id"),
+    _param("p_id", "conversation_id"),
+    _claimed.c.next_seq - 2,
+    _constant(MessageRole.USER.value, "role"),
+    _param("p_text", "content"),
+    _constant(MessageStatus.COMPLETED.value, "status"),
+    _param("p_text_tokens", "token_count"),
+    _constant(None, "model_used"),
+    _param("p_now", "created_at"),
+    _param("p_now", "completed_at"),
+).select_from(_claimed)
+_reply_row = select(
+    _param("p_reply_id", "id"),
+    _param("p_id", "conversation_id"),
+    _claimed.c.next_seq - 1,
+    _constant(MessageRole.ASSISTANT.value, "role"),
+    _constant("", "content"),
+    _constant(MessageStatus.STREAMING.value, "status"),
+    _constant(0, "token_count"),
+    _param("p_model", "model_used"),
+    _param("p_now", "created_at"),
+    _constant(None, "completed_at"),
+).select_from(_claimed)
+_inserted = (
+    insert(messages_t)
+    .from_select(_MESSAGE_COLUMNS, union_all(_user_row, _reply_row))
+    .cte("inserted")
+)
+_recent = (
+    select(_m.seq, _m.role, _m.content, _m.token_count)
+    .where(
+        _m.conversation_id == bindparam("p_id"),
+        _m.seq < _claimed.c.next_seq - 2,
+        _in_context,
+    )
+    .order_by(_m.seq.desc())
+    .limit(bindparam("p_limit"))
+    .lateral("recent")
+)
+BEGIN_TURN = Prepared(
+    select(
+        _claimed.c.next_seq,
+        _claimed.c.system_prompt,
+        _recent.c.seq,
+        _recent.c.role,
+        _recent.c.content,
+        _recent.c.token_count,
+    )
+    .select_from(_claimed.outerjoin(_recent, true()))
+    .order_by(_recent.c.seq.desc().nulls_last())
+    .add_cte(_inserted)
 )
 _finish = (
     update(messages_t)

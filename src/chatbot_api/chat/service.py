@@ -117,7 +117,6 @@ async def begin_turn(
             "p_model": model_used,
         },
         now=now,
-        combined=tx.combines_writes,
     )
     user_seq = claim_seq - 2
     system_prompt: str = stored_prompt or default_system_prompt
@@ -182,14 +181,14 @@ async def begin_turn(
 
 
 async def _claim(
-    tx: Tx, params: dict[str, Any], *, now: datetime, combined: bool
+    tx: Tx, params: dict[str, Any], *, now: datetime
 ) -> tuple[int, str | None, Sequence[Row] | None]:
     """Take the conversation for this turn and allocate two sequence numbers, atomically.
-    Returns the new `next_seq`, the conversation's system prompt and, if `combined`
-    (`BEGIN_TURN`: both messages inserted and the first page of history read in the same
-    statement), that page."""
+    Returns the new `next_seq`, the conversation's system prompt and, where the backend runs
+    `BEGIN_TURN` (both messages inserted and the first page of history read in the same
+    statement), that page; elsewhere None, and nothing is inserted yet."""
     for _ in range(CLAIM_ATTEMPTS):
-        if combined:
+        if tx.combines_writes:
             rows = await tx.all(statements.BEGIN_TURN, params)
             if rows:
                 page = [row[2:] for row in rows if row[2] is not None]

@@ -18,6 +18,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.sql.elements import BindParameter
 
 from chatbot_api.conversations.models import (
     Conversation,
@@ -65,8 +66,8 @@ HISTORY = Prepared(
     .order_by(_m.seq.desc())
     .limit(bindparam("p_limit"))
 )
-# Both rows of a turn go in one executemany: one round trip (asyncpg pipelines it, and
-# SQLAlchemy's insertmanyvalues makes it one statement elsewhere).
+# Both rows of a turn, where `BEGIN_TURN` cannot be run (SQLite): one executemany, which
+# SQLAlchemy's insertmanyvalues makes one statement.
 INSERT_MESSAGE = Prepared(
     insert(messages_t).values(
         id=bindparam("p_id"),
@@ -83,13 +84,13 @@ INSERT_MESSAGE = Prepared(
 )
 
 
-def _param(name: str, column: str) -> Any:
+def _param(name: str, column: str) -> BindParameter[Any]:
     """A named parameter typed as the `messages` column it goes in (the SELECT of an INSERT
     gives PostgreSQL nothing to infer a parameter's type from)."""
     return bindparam(name, type_=_m[column].type)
 
 
-def _constant(value: Any, column: str) -> Any:
+def _constant(value: Any, column: str) -> BindParameter[Any]:
     return literal(value, type_=_m[column].type)
 
 
@@ -98,7 +99,7 @@ def _constant(value: Any, column: str) -> Any:
 # `INSERT_MESSAGE` would store them) and the first page of history. No row if the claim
 # failed, and then nothing was inserted either; else one row per message read, at least one
 # (its message columns NULL if there is none). The read sees the table as it was before the
-# statement: not the two messages it inserts, and not the claim, which it does not need.
+# statement, so not the two messages it inserts.
 _claimed = _claim.cte("claimed")
 _MESSAGE_COLUMNS = (
     "id",

@@ -94,10 +94,16 @@ class TestContextWindow:
             conversation_id = await create_conversation(client)
             response = await send(client, conversation_id, "lorem ipsum " * 200)
 
-        assert response.status_code == 422
-        assert response.json()["error"]["code"] == "context_length_exceeded"
-        assert await count_rows(engine, "messages") == 0
-        assert fake_llm.requests == []
+            assert response.status_code == 422
+            assert response.json()["error"]["code"] == "context_length_exceeded"
+            assert await count_rows(engine, "messages") == 0
+            assert fake_llm.requests == []
+            # The claim was rolled back with the messages: the conversation is free, and its
+            # numbering starts where it would have without the refused message.
+            fake_llm.default = Script(reply="ok")
+            assert (await send(client, conversation_id, "short")).status_code == 200
+            stored = await messages(client, conversation_id)
+        assert [m["seq"] for m in stored] == [1, 2]
 
 
 class TestLongConversation:

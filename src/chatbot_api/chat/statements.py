@@ -98,8 +98,11 @@ def _constant(value: Any, column: str) -> BindParameter[Any]:
 # `sql.Tx.combines_writes`): the claim, both messages (numbered from the claim, as
 # `INSERT_MESSAGE` would store them) and the first page of history. No row if the claim
 # failed, and then nothing was inserted either; else one row per message read, at least one
-# (its message columns NULL if there is none). The read sees the table as it was before the
-# statement, so not the two messages it inserts.
+# (its message columns NULL if there is none). The read sees the table as it was when the
+# statement began, so not the two messages it inserts. It misses no earlier reply either: the
+# claim only matches a conversation that is free in that same view, and a turn frees it in
+# the statement that stores its reply (`FINISH_AND_RELEASE`, or RELEASE in FINISH's
+# transaction); an UPDATE that waits on a row lock re-checks only the row it updates.
 _claimed = _claim.cte("claimed")
 _MESSAGE_COLUMNS = (
     "id",

@@ -102,7 +102,8 @@ def _constant(value: Any, column: str) -> BindParameter[Any]:
 # statement began, so not the two messages it inserts. It misses no earlier reply either: the
 # claim only matches a conversation that is free in that same view, and a turn frees it in
 # the statement that stores its reply (`FINISH_AND_RELEASE`, or RELEASE in FINISH's
-# transaction); an UPDATE that waits on a row lock re-checks only the row it updates.
+# transaction). An UPDATE that waits for a row lock only ever takes a row that already
+# matched in that view, so it cannot claim one that another turn freed meanwhile.
 _claimed = _claim.cte("claimed")
 _MESSAGE_COLUMNS = (
     "id",

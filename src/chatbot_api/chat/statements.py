@@ -18,7 +18,8 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql.selectable import Select
 
 from chatbot_api.conversations.models import (
     Conversation,
@@ -117,30 +118,40 @@ _MESSAGE_COLUMNS = (
     "created_at",
     "completed_at",
 )
-_user_row = select(
-    _param("p_user_id", "id"),
-    _param("p_id", "conversation_id"),
-    _claimed.c.next_seq - 2,
-    _constant(MessageRole.USER.value, "role"),
-    _param("p_text", "content"),
-    _constant(MessageStatus.COMPLETED.value, "status"),
-    _param("p_text_tokens", "token_count"),
-    _constant(None, "model_used"),
-    _param("p_now", "created_at"),
-    _param("p_now", "completed_at"),
-).select_from(_claimed)
-_reply_row = select(
-    _param("p_reply_id", "id"),
-    _param("p_id", "conversation_id"),
-    _claimed.c.next_seq - 1,
-    _constant(MessageRole.ASSISTANT.value, "role"),
-    _constant("", "content"),
-    _constant(MessageStatus.STREAMING.value, "status"),
-    _constant(0, "token_count"),
-    _param("p_model", "model_used"),
-    _param("p_now", "created_at"),
-    _constant(None, "completed_at"),
-).select_from(_claimed)
+
+
+def _message_row(seq_back: int, **columns: ColumnElement[Any]) -> Select[Any]:
+    """One row of the turn's INSERT: in this conversation, created now, numbered `seq_back`
+    below the claim's new `next_seq`, with the rest of `_MESSAGE_COLUMNS` from `columns`."""
+    values = {
+        "conversation_id": _param("p_id", "conversation_id"),
+        "seq": _claimed.c.next_seq - seq_back,
+        "created_at": _param("p_now", "created_at"),
+        **columns,
+    }
+    return select(*(values[name] for name in _MESSAGE_COLUMNS)).select_from(_claimed)
+
+
+_user_row = _message_row(
+    2,
+    id=_param("p_user_id", "id"),
+    role=_constant(MessageRole.USER.value, "role"),
+    content=_param("p_text", "content"),
+    status=_constant(MessageStatus.COMPLETED.value, "status"),
+    token_count=_param("p_text_tokens", "token_count"),
+    model_used=_constant(None, "model_used"),
+    completed_at=_param("p_now", "completed_at"),
+)
+_reply_row = _message_row(
+    1,
+    id=_param("p_reply_id", "id"),
+    role=_constant(MessageRole.ASSISTANT.value, "role"),
+    content=_constant("", "content"),
+    status=_constant(MessageStatus.STREAMING.value, "status"),
+    token_count=_constant(0, "token_count"),
+    model_used=_param("p_model", "model_used"),
+    completed_at=_constant(None, "completed_at"),
+)
 _inserted = (
     insert(messages_t)
     .from_select(_MESSAGE_COLUMNS, union_all(_user_row, _reply_row))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -367,12 +368,31 @@ async def _dbapi_error(request: Request, exc: Exception) -> JSONResponse:
     return await _unhandled(request, exc)
 
 
+Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+
+# The handlers by the exception they render; the most specific class of an exception wins.
+HANDLERS: dict[type[Exception], Handler] = {
+    AppError: _app_error,
+    StarletteHTTPException: _http_error,
+    RequestValidationError: _validation_error,
+    PoolTimeoutError: _database_error,
+    OperationalError: _database_error,
+    OSError: _database_error,
+    DBAPIError: _dbapi_error,
+}
+
+
+def handler_for(exc: Exception) -> Handler | None:
+    """The handler that renders `exc`, as Starlette's ExceptionMiddleware finds it; None for
+    what only the catch-all renders (a 500, from ServerErrorMiddleware)."""
+    for cls in type(exc).__mro__:
+        handler = HANDLERS.get(cls)
+        if handler is not None:
+            return handler
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(AppError, _app_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(PoolTimeoutError, _database_error)
-    app.add_exception_handler(OperationalError, _database_error)
-    app.add_exception_handler(OSError, _database_error)
-    app.add_exception_handler(DBAPIError, _dbapi_error)
+    for exc_class, handler in HANDLERS.items():
+        app.add_exception_handler(exc_class, handler)
     app.add_exception_handler(Exception, _unhandled)

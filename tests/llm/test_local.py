@@ -244,7 +244,7 @@ class TestScheduling:
 
         ticking = asyncio.create_task(ticker())
         started = time.perf_counter()
-        completion = await complete(provider, STORY, GenerationOptions(max_tokens=40))
+        completion = await complete(provider, STORY, GenerationOptions(max_tokens=160))
         elapsed = time.perf_counter() - started
         done.set()
         await ticking

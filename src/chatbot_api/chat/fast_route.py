@@ -48,38 +48,58 @@ def _is_json(content_type: bytes) -> bool:
     return content_type.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
+def _target(scope: Scope) -> tuple[str, str | None] | None:
+    """The conversation id and the `Idempotency-Key` of a send decided here; None for a
+    request to pass on, decided from the scope alone (the body is still unread)."""
+    if (
+        scope["type"] != "http"
+        or scope["method"] != "POST"
+        or scope.get("root_path")
+        or scope.get("fastapi.telemetry") is not None
+    ):
+        return None
+    path = SEND_PATH.fullmatch(scope["path"])
+    if path is None:
+        return None
+    content_type = b""
+    keys: list[bytes] = []
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            content_type = value
+        elif name == b"idempotency-key":
+            keys.append(value)
+    if not _is_json(content_type) or len(keys) > 1:
+        return None
+    key = keys[0].decode("latin-1") if keys else None
+    if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+        return None
+    return path[1], key
+
+
 class SendFastPath:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope.get("root_path")
-            or scope.get("fastapi.telemetry") is not None
-        ):
+        target = _target(scope)
+        if target is None:
             await self.app(scope, receive, send)
             return
-        path = SEND_PATH.fullmatch(scope["path"])
-        if path is None:
-            await self.app(scope, receive, send)
-            return
-        content_type = b""
-        keys: list[bytes] = []
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value
-            elif name == b"idempotency-key":
-                keys.append(value)
-        if not _is_json(content_type) or len(keys) > 1:
-            await self.app(scope, receive, send)
-            return
-        idempotency_key = keys[0].decode("latin-1") if keys else None
-        if idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
-            await self.app(scope, receive, send)
-            return
+        response = await self._answer(scope, receive, send, *target)
+        if response is not None:
+            # Sent from this frame, not `_answer`'s: a stream then keeps none of the body,
+            # the request or the caller alive while it runs.
+            await response(scope, receive, send)
 
+    async def _answer(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        conversation_id: str,
+        idempotency_key: str | None,
+    ) -> Response | None:
+        """The response to send, or None once the request was passed on (and answered)."""
         received: list[Message] = []
         body = b""
         while True:
@@ -88,7 +108,7 @@ class SendFastPath:
             if message["type"] != "http.request":
                 # The client left mid-body: FastAPI handles that as for any other route.
                 await self.app(scope, _replay(received, receive), send)
-                return
+                return None
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
@@ -96,13 +116,13 @@ class SendFastPath:
             payload = SendMessage.model_validate_json(body)
         except ValidationError:
             await self.app(scope, _replay(received, receive), send)
-            return
+            return None
 
         request = Request(scope, receive, send)
         try:
             caller = await current_principal(request, await bearer(request))
             response = await send_message(
-                path[1], payload, request, chat_for(request, caller), idempotency_key
+                conversation_id, payload, request, chat_for(request, caller), idempotency_key
             )
         except Exception as exc:
             handler = handler_for(exc)
@@ -110,7 +130,7 @@ class SendFastPath:
                 raise
             response = await handler(request, exc)
         assert isinstance(response, Response)
-        await response(scope, receive, send)
+        return response
 
 
 def _replay(received: list[Message], receive: Receive) -> Receive:

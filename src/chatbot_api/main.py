@@ -15,10 +15,10 @@ from types import FrameType
 
 from fastapi import FastAPI
 
-from chatbot_api import __version__, memory, security
+from chatbot_api import __version__, fast_routes, memory, security
 from chatbot_api.auth.bootstrap import bootstrap
 from chatbot_api.auth.router import router as keys_router
-from chatbot_api.chat import checkpoints, fast_route
+from chatbot_api.chat import checkpoints
 from chatbot_api.chat.router import router as chat_router
 from chatbot_api.chat.turns import TurnManager
 from chatbot_api.config import LLMSettings, ResolvedProvider, Settings
@@ -163,7 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(conversations_router, responses=api_errors)
     app.include_router(chat_router, responses=api_errors)
     app.include_router(keys_router, responses=api_errors)
-    fast_route.install(app)
+    fast_routes.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     security.install(app, cors_origins=settings.cors_origin_list)
     return app

@@ -43,7 +43,7 @@ class Chat:
 
 
 def chat_for(request: Request, caller: Caller) -> Chat:
-    """`ChatDep` for a known caller (also used by `chat.fast_route`)."""
+    """`ChatDep` for a known caller (also used by `fast_routes`)."""
     return Chat(caller, request.app.state.turns, turn_guard(request, caller))
 
 

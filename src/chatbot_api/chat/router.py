@@ -25,6 +25,7 @@ from chatbot_api.errors import AppError, error_envelope
 router = APIRouter(prefix="/api/v1/conversations", tags=["chat"])
 
 STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
 
 
 def _error(message: str, code: str) -> dict[str, Any]:
@@ -92,7 +93,7 @@ async def send_message(
         str | None,
         Header(
             min_length=1,
-            max_length=255,
+            max_length=IDEMPOTENCY_KEY_MAX_LENGTH,
             description="Retries with the same key and body are answered once (24 h).",
         ),
     ] = None,

@@ -1,5 +1,5 @@
-"""`chat.fast_route`: a well-formed send is served without FastAPI's dependency solving, and
-everything else goes on to FastAPI with its body intact, answered exactly as before."""
+"""`fast_routes`: a well-formed send or create is served without FastAPI's dependency solving,
+and everything else goes on to FastAPI with its body intact, answered exactly as before."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Message, Receive, Scope, Send
 
-from chatbot_api.chat.fast_route import SendFastPath
 from chatbot_api.chat.turns import TurnManager
+from chatbot_api.fast_routes import FastRoutes
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import messages
 from tests.conftest import count_rows, create_conversation
@@ -136,6 +136,71 @@ class TestServedHere:
         assert solved == []
 
 
+class TestCreateServedHere:
+    @pytest.mark.parametrize(
+        ("content", "headers"),
+        [(b"", {}), (b"{}", {"Content-Type": "application/json"})],
+        ids=["no-body", "empty-object"],
+    )
+    async def test_a_create_skips_dependency_solving(
+        self,
+        client: httpx.AsyncClient,
+        solved: list[str],
+        content: bytes,
+        headers: dict[str, str],
+    ) -> None:
+        response = await client.post(BASE, content=content, headers=headers)
+
+        assert response.status_code == 201, response.text
+        assert response.json()["title"] is None
+        assert "x-ratelimit-remaining-requests" in response.headers
+        assert solved == []
+        got = await client.get(f"{BASE}/{response.json()['id']}")
+        assert got.status_code == 200
+
+    async def test_a_create_with_fields_stores_them(
+        self, client: httpx.AsyncClient, solved: list[str]
+    ) -> None:
+        body = {"title": "Trip", "system_prompt": "Be brief.", "metadata": {"k": 1}}
+
+        response = await client.post(BASE, json=body)
+
+        assert response.status_code == 201, response.text
+        assert solved == []
+        stored = (await client.get(f"{BASE}/{response.json()['id']}")).json()
+        assert {k: stored[k] for k in body} == body
+
+    async def test_a_create_without_a_key_is_refused_here(self, app: FastAPI) -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            response = await http.post(BASE, json={})
+
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+
+    @pytest.mark.parametrize(
+        ("content", "headers", "status"),
+        [
+            (b'{"title": "' + b"x" * 201 + b'"}', {"Content-Type": "application/json"}, 422),
+            (b"{}", {"Content-Type": "text/plain"}, 422),
+            (b"null", {"Content-Type": "application/json"}, 201),
+        ],
+        ids=["title-too-long", "not-json", "null-body"],
+    )
+    async def test_what_is_not_plain_goes_to_fastapi(
+        self,
+        client: httpx.AsyncClient,
+        solved: list[str],
+        content: bytes,
+        headers: dict[str, str],
+        status: int,
+    ) -> None:
+        response = await client.post(BASE, content=content, headers=headers)
+
+        assert response.status_code == status, response.text
+        assert solved == [BASE]
+
+
 class TestPassedOnToFastAPI:
     @pytest.mark.parametrize(
         ("body", "field"),
@@ -182,6 +247,20 @@ class TestPassedOnToFastAPI:
 
         assert response.status_code == 422
         assert response.json()["error"]["code"] == "validation_error"
+        assert len(solved) == 1
+
+    async def test_a_send_without_a_body_is_fastapis_422(
+        self, client: httpx.AsyncClient, solved: list[str]
+    ) -> None:
+        conversation_id = await create_conversation(client)
+        solved.clear()
+
+        response = await client.post(
+            f"{BASE}/{conversation_id}/messages", headers={"Content-Type": "application/json"}
+        )
+
+        assert response.status_code == 422
+        assert [d["loc"] for d in response.json()["error"]["details"]] == [["body"]]
         assert len(solved) == 1
 
     async def test_a_passed_on_send_is_served_from_the_replayed_body(
@@ -232,10 +311,10 @@ def _scope(**overrides: Any) -> Scope:
         _scope(path=f"{BASE}/{uuid.uuid4()}/messages/{uuid.uuid4()}/stream"),
         _scope(root_path="/chat"),
         _scope(**{"fastapi.telemetry": object()}),
-        _scope(headers=[]),
+        _scope(headers=[(b"idempotency-key", b"a"), (b"idempotency-key", b"b")]),
         _scope(type="websocket"),
     ],
-    ids=["method", "slash", "other-route", "root-path", "telemetry", "no-json", "websocket"],
+    ids=["method", "slash", "other-route", "root-path", "telemetry", "two-keys", "websocket"],
 )
 async def test_passes_on_without_reading_the_body(scope: Scope) -> None:
     """With FastAPI's telemetry configured its spans name the route, so FastAPI must route."""
@@ -250,7 +329,7 @@ async def test_passes_on_without_reading_the_body(scope: Scope) -> None:
     async def send(_message: Message) -> None:
         raise AssertionError("answered here")
 
-    await SendFastPath(inner)(scope, receive, send)
+    await FastRoutes(inner)(scope, receive, send)
 
     assert seen == [scope]
 
@@ -273,7 +352,7 @@ async def test_a_client_gone_mid_body_is_passed_on_with_what_was_read() -> None:
     async def send(_message: Message) -> None:
         raise AssertionError("answered here")
 
-    await SendFastPath(inner)(_scope(), receive, send)
+    await FastRoutes(inner)(_scope(), receive, send)
 
     assert replayed == [
         {"type": "http.request", "body": b'{"mess', "more_body": True},

@@ -6,6 +6,8 @@ Sleeps are recorded instead of slept, and the breakers read a clock the tests mo
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -347,3 +349,28 @@ class TestProviderMembers:
     def test_an_empty_chain_is_refused(self) -> None:
         with pytest.raises(ValueError, match="at least one"):
             ResilientProvider([])
+
+
+class TestThePromptIsLetGo:
+    async def test_it_serves_retries_then_no_stream_keeps_it(self, rig: Rig) -> None:
+        """A long history is not held by every stream in flight: once a member has answered,
+        nothing is retried, and neither generator refers to the prompt any more."""
+        rig.primary.enqueue(Script(status=503), Script(deltas=("a", "b", "c"), token_delay=0.05))
+        provider = await rig.chain(fallback=False)
+        prompt = list(MESSAGES)
+
+        async with aclosing(provider.stream(prompt, OPTIONS)) as stream:
+            first = await anext(stream)
+            assert first == Routed("primary", "primary-model", attempts=2, fallbacks=0)
+            assert await anext(stream) == TextDelta("a")
+            gc.collect()
+            holders = [r for r in gc.get_referrers(prompt) if inspect.isasyncgen(r)]
+            assert holders == []
+            assert [e async for e in stream if isinstance(e, TextDelta)] == [
+                TextDelta("b"),
+                TextDelta("c"),
+            ]
+        # The retry was sent the whole prompt.
+        assert [m["content"] for m in rig.primary.requests[1].body["messages"]] == [
+            m.content for m in MESSAGES
+        ]

@@ -10,6 +10,7 @@ readers that are actually waiting (a non-streaming request waits for the end alo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from chatbot_api.chat.outcomes import (
 )
 from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.errors import AppError, GenerationInterrupted
-from chatbot_api.llm.base import Usage
+from chatbot_api.llm.base import ChatMessage, Usage
 from chatbot_api.sql import run_transaction
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,14 @@ class Turn:
     def publish_delta(self, text: str) -> None:
         self.text_length += len(text)
         self.publish(TurnEvent(DELTA, text, self.text_length))
+
+    def take_context(self) -> list[ChatMessage]:
+        """The prompt, handed over once, to the provider: the turn keeps no reference to it
+        while the reply streams (it can be a whole context window of history)."""
+        assert self.begun is not None
+        context = self.begun.context
+        self.begun = dataclasses.replace(self.begun, context=[])
+        return context
 
     def text(self) -> str:
         """The reply so far: the deltas of the log (the only events whose data is text)."""

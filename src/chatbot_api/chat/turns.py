@@ -248,7 +248,7 @@ class TurnManager:
             max_tokens=reply_tokens, temperature=self._settings.llm.temperature, model=model
         )
         try:
-            async for event in provider.stream(turn.begun.context, options):
+            async for event in provider.stream(turn.take_context(), options):
                 if type(event) is TextDelta:
                     turn.publish_delta(event.text)
                 elif isinstance(event, Usage):

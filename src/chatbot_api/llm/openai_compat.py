@@ -298,6 +298,8 @@ class OpenAICompatProvider:
                     headers={"Content-Type": "application/json"},
                     allow_redirects=False,
                 )
+                # Sent: a long stream keeps no reference to the prompt (a long history).
+                del messages
                 if not 200 <= response.status < 300:
                     raise await self._status_error(response)
                 if response.content_type != "text/event-stream":

@@ -255,8 +255,10 @@ class ResilientProvider:
                         breaker.release()
                     await _close(inner)
                     raise
-                # Committed: from here on, events pass straight through.
+                # Committed: from here on, events pass straight through, and nothing is
+                # retried, so the prompt is not needed again while the reply streams.
                 breaker.success()
+                del messages
                 self._answered = provider
                 try:
                     yield Routed(provider.name, model, attempts, index)

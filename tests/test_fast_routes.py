@@ -39,14 +39,20 @@ def solved(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return paths
 
 
+@pytest.fixture
+async def conversation_id(client: httpx.AsyncClient, solved: list[str]) -> str:
+    """A new conversation of the client's; `solved` starts empty after creating it."""
+    created = await create_conversation(client)
+    solved.clear()
+    return created
+
+
 class TestServedHere:
     async def test_json_and_stream_sends_skip_dependency_solving(
-        self, client: httpx.AsyncClient, fake_llm: FakeLLM, solved: list[str]
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM, solved: list[str], conversation_id: str
     ) -> None:
         fake_llm.enqueue(Script(reply="first"))
         fake_llm.enqueue(Script(reply="second"))
-        conversation_id = await create_conversation(client)
-        solved.clear()
 
         plain = await client.post(
             f"{BASE}/{conversation_id}/messages",
@@ -120,10 +126,8 @@ class TestServedHere:
         assert "secret internal detail" not in response.text
 
     async def test_an_unknown_key_is_refused_here_too(
-        self, client: httpx.AsyncClient, solved: list[str]
+        self, client: httpx.AsyncClient, solved: list[str], conversation_id: str
     ) -> None:
-        conversation_id = await create_conversation(client)
-        solved.clear()
 
         response = await client.post(
             f"{BASE}/{conversation_id}/messages",
@@ -211,11 +215,10 @@ class TestPassedOnToFastAPI:
         client: httpx.AsyncClient,
         engine: AsyncEngine,
         solved: list[str],
+        conversation_id: str,
         body: dict[str, Any],
         field: str,
     ) -> None:
-        conversation_id = await create_conversation(client)
-        solved.clear()
 
         response = await client.post(f"{BASE}/{conversation_id}/messages", json=body)
 
@@ -234,10 +237,12 @@ class TestPassedOnToFastAPI:
         ],
     )
     async def test_what_fastapi_refuses_it_still_refuses(
-        self, client: httpx.AsyncClient, solved: list[str], headers: dict[str, str]
+        self,
+        client: httpx.AsyncClient,
+        solved: list[str],
+        conversation_id: str,
+        headers: dict[str, str],
     ) -> None:
-        conversation_id = await create_conversation(client)
-        solved.clear()
 
         response = await client.post(
             f"{BASE}/{conversation_id}/messages",
@@ -250,10 +255,8 @@ class TestPassedOnToFastAPI:
         assert len(solved) == 1
 
     async def test_a_send_without_a_body_is_fastapis_422(
-        self, client: httpx.AsyncClient, solved: list[str]
+        self, client: httpx.AsyncClient, solved: list[str], conversation_id: str
     ) -> None:
-        conversation_id = await create_conversation(client)
-        solved.clear()
 
         response = await client.post(
             f"{BASE}/{conversation_id}/messages", headers={"Content-Type": "application/json"}
@@ -264,11 +267,9 @@ class TestPassedOnToFastAPI:
         assert len(solved) == 1
 
     async def test_a_passed_on_send_is_served_from_the_replayed_body(
-        self, client: httpx.AsyncClient, fake_llm: FakeLLM, solved: list[str]
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM, solved: list[str], conversation_id: str
     ) -> None:
         fake_llm.enqueue(Script(reply="served by FastAPI"))
-        conversation_id = await create_conversation(client)
-        solved.clear()
 
         # Two Idempotency-Key headers: not decided here.
         response = await client.post(

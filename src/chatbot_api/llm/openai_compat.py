@@ -31,7 +31,6 @@ early closes the HTTP response, so the upstream sees the disconnect and stops ge
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import AsyncGenerator, Mapping
@@ -40,6 +39,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import to_json
 from typing_extensions import TypedDict
 
 from chatbot_api.llm import errors
@@ -379,7 +379,8 @@ class OpenAICompatProvider:
         }
         if options.temperature is not None:
             body["temperature"] = options.temperature
-        return json.dumps(body, ensure_ascii=False).encode()
+        # pydantic-core's serialiser: UTF-8 as is, about a quarter of `json.dumps`'s CPU.
+        return to_json(body)
 
     def _deadline_error(
         self, phase: str, total_at: float, deadline: float

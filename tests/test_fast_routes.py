@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.dependencies.utils import solve_dependencies
+from opentelemetry import trace
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Message, Receive, Scope, Send
@@ -362,3 +363,28 @@ async def test_a_client_gone_mid_body_is_passed_on_with_what_was_read() -> None:
         {"type": "http.disconnect"},
         {"type": "http.disconnect", "after": "the replay"},
     ]
+
+
+class _Tracing(trace.TracerProvider):
+    """A configured tracer provider, as an app that sets up OpenTelemetry has one."""
+
+    def get_tracer(self, *_args: Any, **_kwargs: Any) -> trace.Tracer:
+        return trace.NoOpTracer()
+
+
+async def test_with_tracing_configured_fastapi_routes_every_send(
+    client: httpx.AsyncClient,
+    fake_llm: FakeLLM,
+    solved: list[str],
+    conversation_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FastAPI's spans name the route it selected, so with tracing on it must route."""
+    monkeypatch.setattr(trace, "get_tracer_provider", _Tracing)
+    fake_llm.enqueue(Script(reply="traced"))
+
+    response = await client.post(f"{BASE}/{conversation_id}/messages", json={"message": "hi"})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["response"] == "traced"
+    assert solved == [f"{BASE}/{conversation_id}/messages"]

@@ -1,10 +1,11 @@
-"""The limiter primitives, the same on both backends: exact counts under concurrency, windows
-that slide, leases that expire and counters with a TTL. Windows are short so the tests stay
+"""The limiter primitives, the same on both backends: exact counts under concurrency, rates
+that refill, leases that expire and counters with a TTL. Windows are short so the tests stay
 fast; nothing asserts how long anything took."""
 
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 import uuid
 
 import pytest
@@ -15,7 +16,7 @@ from chatbot_api.limits.memory import MemoryLimiter
 from chatbot_api.limits.redis_store import RedisLimiter
 
 
-class TestSlidingWindow:
+class TestRate:
     async def test_allows_exactly_the_limit_then_refuses(self, limiter: Limiter) -> None:
         decisions = [await limiter.hit("k", limit=3, window=60) for _ in range(5)]
 
@@ -38,6 +39,18 @@ class TestSlidingWindow:
 
         assert (await limiter.hit("b", limit=1, window=60)).allowed
         assert not (await limiter.hit("a", limit=1, window=60)).allowed
+
+    async def test_a_spent_bucket_refills_one_event_per_interval(self, limiter: Limiter) -> None:
+        # 2 per 0.6 s: one event back every 0.3 s. A sliding-window log would still refuse at
+        # 0.4 s, with both events inside the last 0.6 s.
+        burst = [await limiter.hit("refill", limit=2, window=0.6) for _ in range(3)]
+        await asyncio.sleep(0.4)
+
+        later = [await limiter.hit("refill", limit=2, window=0.6) for _ in range(2)]
+
+        assert [d.allowed for d in burst] == [True, True, False]
+        assert 0 < burst[2].retry_after <= 0.3
+        assert [d.allowed for d in later] == [True, False]
 
     async def test_window_slides_and_refusals_are_not_counted(self, limiter: Limiter) -> None:
         for _ in range(4):
@@ -110,7 +123,41 @@ class TestMemoryLimiter:
         for _ in range(2048):
             await limiter.peek("still-here", limit=5, window=1)
 
-        assert len(limiter._logs) <= 1
+        assert len(limiter._buckets) <= 1
+
+    async def test_headers_follow_the_refill(self) -> None:
+        now = [100.0]
+        limiter = MemoryLimiter(clock=lambda: now[0])
+        spent = [await limiter.hit("h", limit=4, window=60) for _ in range(4)]
+        now[0] = 130.0  # half the window: two events back
+
+        half = await limiter.peek("h", limit=4, window=60)
+
+        assert [d.remaining for d in spent] == [3, 2, 1, 0]
+        assert spent[3].retry_after == 15  # one event every 15 s
+        assert spent[3].reset_after == 60
+        assert (half.allowed, half.remaining, half.retry_after, half.reset_after) == (
+            True,
+            2,
+            0,
+            30,
+        )
+
+    async def test_a_key_costs_the_same_at_any_limit(self) -> None:
+        # One number per key: a key allowed a million requests a minute holds no more than
+        # one allowed ten (a log of timestamps held 50,000 floats here, over 1.5 MB).
+        limiter = MemoryLimiter()
+        await limiter.hit("warm", limit=1_000_000, window=60)
+        tracemalloc.start()
+        try:
+            before, _ = tracemalloc.get_traced_memory()
+            for _ in range(50_000):
+                await limiter.hit("busy", limit=1_000_000, window=60)
+            after, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+
+        assert after - before < 10_000
 
 
 class TestRedisLimiter:

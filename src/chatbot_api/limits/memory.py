@@ -1,6 +1,7 @@
 """The in-process limiter: exact, and shared by every request of one process only.
 
 Everything runs on the event loop with no `await` inside a decision, so no lock is needed.
+A rate limit is one number per key (`limits.base.bucket`), whatever the limit or the rate.
 Keys that fall idle are swept every `SWEEP_EVERY` operations, so memory stays bounded by the
 keys active in the last window (a failed-auth key per client address, for instance).
 """
@@ -8,10 +9,9 @@ keys active in the last window (a failed-auth key per client address, for instan
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 
-from chatbot_api.limits.base import Decision
+from chatbot_api.limits.base import Decision, bucket
 
 SWEEP_EVERY = 1024
 
@@ -19,39 +19,24 @@ SWEEP_EVERY = 1024
 class MemoryLimiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._logs: dict[str, tuple[float, deque[float]]] = {}
+        # key -> the moment its bucket is full again (`base.bucket`).
+        self._buckets: dict[str, float] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._counters: dict[str, tuple[int, float]] = {}
         self._ops = 0
 
-    def _log(self, key: str, window: float, now: float) -> deque[float]:
-        _, log = self._logs.get(key, (window, deque()))
-        while log and log[0] <= now - window:
-            log.popleft()
-        self._logs[key] = (window, log)
-        return log
-
-    @staticmethod
-    def _decide(
-        log: deque[float], limit: int, window: float, now: float, allowed: bool
-    ) -> Decision:
-        remaining = max(0, limit - len(log))
-        retry_after = 0.0 if remaining else max(0.0, log[0] + window - now)
-        reset_after = max(0.0, log[-1] + window - now) if log else 0.0
-        return Decision(allowed, limit, remaining, retry_after, reset_after)
+    def _rate(self, key: str, limit: int, window: float, *, count: bool) -> Decision:
+        now = self._tick()
+        decision, tat = bucket(self._buckets.get(key), now, limit=limit, window=window, count=count)
+        if count and decision.allowed:
+            self._buckets[key] = tat
+        return decision
 
     async def hit(self, key: str, *, limit: int, window: float) -> Decision:
-        now = self._tick()
-        log = self._log(key, window, now)
-        allowed = len(log) < limit
-        if allowed:
-            log.append(now)
-        return self._decide(log, limit, window, now, allowed)
+        return self._rate(key, limit, window, count=True)
 
     async def peek(self, key: str, *, limit: int, window: float) -> Decision:
-        now = self._tick()
-        log = self._log(key, window, now)
-        return self._decide(log, limit, window, now, len(log) < limit)
+        return self._rate(key, limit, window, count=False)
 
     async def acquire(self, key: str, token: str, *, limit: int, lease: float) -> Decision:
         now = self._tick()
@@ -85,7 +70,7 @@ class MemoryLimiter:
         return value if expires > now else 0
 
     async def aclose(self) -> None:
-        self._logs.clear()
+        self._buckets.clear()
         self._leases.clear()
         self._counters.clear()
 
@@ -97,9 +82,8 @@ class MemoryLimiter:
         return now
 
     def _sweep(self, now: float) -> None:
-        self._logs = {
-            k: (w, log) for k, (w, log) in self._logs.items() if log and log[-1] > now - w
-        }
+        # A bucket whose arrival time has passed is full again: the same as no entry.
+        self._buckets = {k: tat for k, tat in self._buckets.items() if tat > now}
         self._leases = {
             k: live
             for k, leases in self._leases.items()

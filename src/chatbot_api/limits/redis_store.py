@@ -2,9 +2,9 @@
 
 Every decision is a single Lua script, so it is atomic however many processes ask at once,
 and it reads the time from Redis (`TIME`), so the processes' clocks never need to agree.
-The sliding-window log is a sorted set of event timestamps in microseconds; leases are a
-sorted set of tokens scored by their expiry; counters are plain integers with a TTL. Every
-key expires by itself once its window has passed.
+A rate is one number per key, the moment its bucket is full again (`base.bucket`); leases
+are a sorted set of tokens scored by their expiry; counters are plain integers with a TTL.
+Every key expires by itself once it no longer holds anything.
 
 A Redis that cannot be reached is a 503 (`LimiterUnavailable`), never an unmetered request.
 """
@@ -12,7 +12,6 @@ A Redis that cannot be reached is a 503 (`LimiterUnavailable`), never an unmeter
 from __future__ import annotations
 
 import math
-import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -26,30 +25,30 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 """
 
-# KEYS[1] log; ARGV: limit, window (us), member, "1" to count the event or "0" to peek.
+# KEYS[1] bucket; ARGV: limit, window (us), "1" to count the event or "0" to peek. The same
+# arithmetic as `base.bucket`, in microseconds: the value is the moment the bucket is full.
 _HIT = (
     _NOW
     + """
 local key, limit, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local count = redis.call('ZCARD', key)
-local allowed = 0
-if count < limit then
+local interval = window / limit
+local start = now
+local stored = redis.call('GET', key)
+if stored then start = math.max(tonumber(stored), now) end
+local allowed, finish = 0, start
+if start + interval - now <= window * (1 + 1e-9) then
   allowed = 1
-  if ARGV[4] == '1' then
-    redis.call('ZADD', key, now, ARGV[3])
-    redis.call('PEXPIRE', key, math.ceil(window / 1000))
-    count = count + 1
+  if ARGV[3] == '1' then
+    finish = start + interval
+    local ttl = math.ceil((finish - now) / 1000) + 1
+    redis.call('SET', key, string.format('%.17g', finish), 'PX', ttl)
   end
 end
-local retry, reset = 0, 0
-if count >= limit and count > 0 then
-  retry = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) + window - now
-end
-if count > 0 then
-  reset = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) + window - now
-end
-return {allowed, count, retry, reset}
+local debt = finish - now
+local remaining = math.max(0, math.min(limit, math.floor((window - debt) / interval + 1e-9)))
+local retry = 0
+if remaining == 0 then retry = math.max(0, finish + interval - window - now) end
+return {allowed, remaining, retry, debt}
 """
 )
 
@@ -108,28 +107,26 @@ class RedisLimiter:
                 f"The rate limiter is unavailable ({type(exc).__name__}); retry shortly."
             ) from None
 
-    async def _window(
-        self, key: str, *, limit: int, window: float, count: bool, member: str
-    ) -> Decision:
-        args: list[str | int] = [limit, _us(window), member, "1" if count else "0"]
-        allowed, used, retry, reset = await self._run(
-            self._hit(keys=[self._prefix + key], args=args)
+    async def _rate(self, key: str, *, limit: int, window: float, count: bool) -> Decision:
+        args: list[str | int] = [limit, _us(window), "1" if count else "0"]
+        # A key of its own kind: a sorted set left by an earlier version under the same name
+        # would make GET fail until it expired.
+        allowed, remaining, retry, reset = await self._run(
+            self._hit(keys=[f"{self._prefix}bucket:{key}"], args=args)
         )
         return Decision(
             allowed=bool(allowed),
             limit=limit,
-            remaining=max(0, limit - int(used)),
+            remaining=max(0, int(remaining)),
             retry_after=max(0, int(retry)) / 1_000_000,
             reset_after=max(0, int(reset)) / 1_000_000,
         )
 
     async def hit(self, key: str, *, limit: int, window: float) -> Decision:
-        return await self._window(
-            key, limit=limit, window=window, count=True, member=uuid.uuid4().hex
-        )
+        return await self._rate(key, limit=limit, window=window, count=True)
 
     async def peek(self, key: str, *, limit: int, window: float) -> Decision:
-        return await self._window(key, limit=limit, window=window, count=False, member="")
+        return await self._rate(key, limit=limit, window=window, count=False)
 
     async def acquire(self, key: str, token: str, *, limit: int, lease: float) -> Decision:
         allowed, used, retry = await self._run(

@@ -1,6 +1,7 @@
 """The limits each key is held to, and the checks that enforce them.
 
-    requests per minute     every authenticated request (sliding window, exact)
+    requests per minute     every authenticated request: a burst of the limit, then the
+                            limit's rate (`base.bucket`), exact
     concurrent streams      generations in flight at once, streamed or not: a slot is taken
                             before the turn starts and given back when its reply is stored,
                             not when the client leaves, because the generation still runs

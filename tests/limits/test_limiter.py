@@ -27,6 +27,20 @@ class TestRate:
         assert 0 < decisions[3].retry_after <= 60
         assert 0 < decisions[3].reset_after <= 60
 
+    @pytest.mark.parametrize(("limit", "window"), [(7, 60), (1_000_000, 60), (3, 0.7)])
+    async def test_limits_that_do_not_divide_evenly_are_exact(
+        self, limiter: Limiter, limit: int, window: float
+    ) -> None:
+        # window / limit rounds: the limit-th event of a burst must still fit, and one hit
+        # must leave exactly limit - 1 (a clock of microseconds since 1970, in a double,
+        # rounded these).
+        first = await limiter.hit(f"odd-{limit}", limit=limit, window=window)
+        burst = [await limiter.hit(f"odd-{limit}", limit=limit, window=window) for _ in range(6)]
+
+        assert first.remaining == limit - 1
+        if limit < 10:
+            assert [d.allowed for d in burst] == [True] * (limit - 1) + [False] * (7 - limit)
+
     async def test_concurrent_hits_never_overshoot(self, limiter: Limiter) -> None:
         decisions = await asyncio.gather(
             *(limiter.hit("burst", limit=10, window=60) for _ in range(50))

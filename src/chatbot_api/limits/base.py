@@ -51,8 +51,9 @@ class Limiter(Protocol):
     async def aclose(self) -> None: ...
 
 
-# Floating-point slack when the last event of a full burst is compared with the window.
-_SLACK = 1e-9
+# Rounding slack, in seconds, when the last event of a burst is compared with the window: the
+# bucket's times are sums of a clock reading and `window / limit`, which rounds.
+SLACK = 1e-6
 
 
 def bucket(
@@ -72,9 +73,9 @@ def bucket(
     `remaining` is not), `reset_after` how long until the bucket is full."""
     interval = window / limit
     start = now if tat is None or tat < now else tat
-    allowed = start + interval - now <= window * (1 + _SLACK)
+    allowed = start + interval - now <= window + SLACK
     end = start + interval if allowed and count else start
     debt = end - now
-    remaining = max(0, min(limit, math.floor((window - debt) / interval + _SLACK)))
+    remaining = max(0, min(limit, math.floor((window + SLACK - debt) / interval)))
     retry_after = 0.0 if remaining else max(0.0, end + interval - window - now)
     return Decision(allowed, limit, remaining, retry_after, debt), end

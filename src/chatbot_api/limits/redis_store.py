@@ -18,25 +18,28 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from chatbot_api.errors import LimiterUnavailable
-from chatbot_api.limits.base import Decision
+from chatbot_api.limits.base import SLACK, Decision
 
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 """
 
-# KEYS[1] bucket; ARGV: limit, window (us), "1" to count the event or "0" to peek. The same
-# arithmetic as `base.bucket`, in microseconds: the value is the moment the bucket is full.
-_HIT = (
-    _NOW
-    + """
+# KEYS[1] bucket; ARGV: limit, window (us), "1" to count the event or "0" to peek, slack (us).
+# The arithmetic of `base.bucket`, in microseconds: the value is the moment the bucket is full.
+# Times count from 2023-11-14 (epoch second 1.7e9), not 1970: a double then keeps them to a
+# few nanoseconds, where microseconds since 1970 round to a quarter of one.
+_HIT = """
+local t = redis.call('TIME')
+local now = (tonumber(t[1]) - 1700000000) * 1000000 + tonumber(t[2])
 local key, limit, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local slack = tonumber(ARGV[4])
 local interval = window / limit
 local start = now
 local stored = redis.call('GET', key)
 if stored then start = math.max(tonumber(stored), now) end
 local allowed, finish = 0, start
-if start + interval - now <= window * (1 + 1e-9) then
+if start + interval - now <= window + slack then
   allowed = 1
   if ARGV[3] == '1' then
     finish = start + interval
@@ -45,12 +48,11 @@ if start + interval - now <= window * (1 + 1e-9) then
   end
 end
 local debt = finish - now
-local remaining = math.max(0, math.min(limit, math.floor((window - debt) / interval + 1e-9)))
+local remaining = math.max(0, math.min(limit, math.floor((window + slack - debt) / interval)))
 local retry = 0
 if remaining == 0 then retry = math.max(0, finish + interval - window - now) end
 return {allowed, remaining, retry, debt}
 """
-)
 
 # KEYS[1] leases; ARGV: limit, lease (us), token.
 _ACQUIRE = (
@@ -108,7 +110,7 @@ class RedisLimiter:
             ) from None
 
     async def _rate(self, key: str, *, limit: int, window: float, count: bool) -> Decision:
-        args: list[str | int] = [limit, _us(window), "1" if count else "0"]
+        args: list[str | int] = [limit, _us(window), "1" if count else "0", _us(SLACK)]
         # A key of its own kind: a sorted set left by an earlier version under the same name
         # would make GET fail until it expired.
         allowed, remaining, retry, reset = await self._run(

@@ -27,7 +27,7 @@ class TestRate:
         assert 0 < decisions[3].retry_after <= 60
         assert 0 < decisions[3].reset_after <= 60
 
-    @pytest.mark.parametrize(("limit", "window"), [(7, 60), (1_000_000, 60), (3, 0.7)])
+    @pytest.mark.parametrize(("limit", "window"), [(7, 60), (1_000_000, 60), (3, 7.0)])
     async def test_limits_that_do_not_divide_evenly_are_exact(
         self, limiter: Limiter, limit: int, window: float
     ) -> None:
@@ -55,15 +55,16 @@ class TestRate:
         assert not (await limiter.hit("a", limit=1, window=60)).allowed
 
     async def test_a_spent_bucket_refills_one_event_per_interval(self, limiter: Limiter) -> None:
-        # 2 per 0.6 s: one event back every 0.3 s. A sliding-window log would still refuse at
-        # 0.4 s, with both events inside the last 0.6 s.
-        burst = [await limiter.hit("refill", limit=2, window=0.6) for _ in range(3)]
-        await asyncio.sleep(0.4)
+        # 2 per 2 s: one event back every second. A sliding-window log would still refuse at
+        # 1.3 s, with both events inside the last 2 s. (Only a stall of 0.7 s between the
+        # last two hits could let the second one through.)
+        burst = [await limiter.hit("refill", limit=2, window=2.0) for _ in range(3)]
+        await asyncio.sleep(1.3)
 
-        later = [await limiter.hit("refill", limit=2, window=0.6) for _ in range(2)]
+        later = [await limiter.hit("refill", limit=2, window=2.0) for _ in range(2)]
 
         assert [d.allowed for d in burst] == [True, True, False]
-        assert 0 < burst[2].retry_after <= 0.3
+        assert 0 < burst[2].retry_after <= 1.0
         assert [d.allowed for d in later] == [True, False]
 
     async def test_window_slides_and_refusals_are_not_counted(self, limiter: Limiter) -> None:

@@ -31,9 +31,9 @@ class TestRate:
     async def test_limits_that_do_not_divide_evenly_are_exact(
         self, limiter: Limiter, limit: int, window: float
     ) -> None:
-        # window / limit rounds: the limit-th event of a burst must still fit, and one hit
-        # must leave exactly limit - 1 (a clock of microseconds since 1970, in a double,
-        # rounded these).
+        # window / limit rounds, and so does the clock reading it is added to: the limit-th
+        # event of a burst must still fit, and one hit must leave exactly limit - 1 (a slack
+        # relative to the window, 1e-9, left 999,998 here in memory).
         first = await limiter.hit(f"odd-{limit}", limit=limit, window=window)
         burst = [await limiter.hit(f"odd-{limit}", limit=limit, window=window) for _ in range(6)]
 

@@ -213,7 +213,9 @@ async def run_transaction(
 
     `single_statement=True` is for work that is one statement: on PostgreSQL it then runs
     without BEGIN and COMMIT (a statement is its own transaction), one round trip instead of
-    three, and it is never retried (a statement that may have committed cannot be).
+    three, and it is never retried (a statement that may have committed cannot be). Work
+    that reads more after its one write, and needs no snapshot shared with it, may use it too
+    (`chat.service.begin_turn(standalone=True)`).
 
     If the connection turns out to be dead (the database restarted since it was last used),
     it is invalidated and the work runs once more on another: nothing was committed, since

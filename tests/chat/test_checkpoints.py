@@ -129,7 +129,7 @@ class TestRenewal:
                     id=conversation_id, owner_id=LOCAL_PRINCIPAL_ID, next_seq=1
                 )
             )
-        budget = service.TokenBudget(4096, 512, 4, lambda text: len(text) // 4 + 1)
+        budget = service.TokenBudget(4096, 512, 4, lambda text: len(text) // 4 + 1, 1.0)
         begun = await run_transaction(
             engine,
             lambda tx: service.begin_turn(

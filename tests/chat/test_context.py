@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import event, insert, update
+from sqlalchemy import event, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.conversations.models import Conversation, Message
@@ -127,3 +127,90 @@ class TestLongConversation:
             assert sum(limits) <= fit + 64 + 16, limits
             assert await count_rows(engine, "messages") == 10_002
             assert (await messages(client, conversation_id))[0]["seq"] == 1
+
+
+async def _claim_state(engine: AsyncEngine, conversation_id: str) -> tuple[int, Any]:
+    """The conversation's next sequence number and its claim."""
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(Conversation.next_seq, Conversation.busy_until).where(
+                    Conversation.id == uuid.UUID(conversation_id)
+                )
+            )
+        ).one()
+    return row[0], row[1]
+
+
+# 300 tokens, 100 of them for the reply: the estimate of the fake's provider then bounds a
+# stored prompt that surely fits at about 35 bytes.
+SMALL_WINDOW = {"context_window": 300, "max_tokens": 100}
+
+
+class TestSystemPromptRoom:
+    """On PostgreSQL a turn usually starts in one statement that commits on its own, before
+    the system prompt's tokens are counted; it only claims a conversation whose prompt is known
+    to fit, and any other prompt is counted inside a transaction. Either way the outcome is
+    exact: a prompt that fits is used, one that does not is a 422 with nothing stored."""
+
+    async def test_a_prompt_too_long_for_the_window_is_a_422_and_nothing_is_stored(
+        self, app_factory: Callable[..., Any], fake_llm: FakeLLM, engine: AsyncEngine
+    ) -> None:
+        app = await app_factory(llm=SMALL_WINDOW)
+        async with client_for(app) as client:
+            conversation_id = await create_conversation(client, system_prompt="Be brief. " * 100)
+            before = await _claim_state(engine, conversation_id)
+
+            response = await send(client, conversation_id, "hi")
+
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "context_length_exceeded"
+        assert await count_rows(engine, "messages") == 0
+        assert fake_llm.requests == []
+        assert await _claim_state(engine, conversation_id) == before == (1, None)
+
+    async def test_a_prompt_that_fits_but_is_over_the_size_bound_is_used(
+        self, app_factory: Callable[..., Any], fake_llm: FakeLLM, engine: AsyncEngine
+    ) -> None:
+        app = await app_factory(llm=SMALL_WINDOW)
+        prompt = "Be brief. " * 10  # 100 bytes, about 30 tokens
+        fake_llm.default = Script(reply="ok")
+        async with client_for(app) as client:
+            conversation_id = await create_conversation(client, system_prompt=prompt)
+            first = await send(client, conversation_id, "hi")
+            second = await send(client, conversation_id, "again")
+            stored = await messages(client, conversation_id)
+
+        assert first.status_code == second.status_code == 200, first.text
+        assert fake_llm.messages(1) == [
+            {"role": "system", "content": prompt},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "again"},
+        ]
+        assert [m["seq"] for m in stored] == [1, 2, 3, 4]
+        assert await _claim_state(engine, conversation_id) == (5, None)
+
+    async def test_a_default_prompt_too_long_refuses_only_the_conversations_that_use_it(
+        self, app_factory: Callable[..., Any], fake_llm: FakeLLM, engine: AsyncEngine
+    ) -> None:
+        app = await app_factory(llm=SMALL_WINDOW, default_system_prompt="Answer at length. " * 60)
+        fake_llm.default = Script(reply="ok")
+        async with client_for(app) as client:
+            own = await create_conversation(client, system_prompt="Be brief.")
+            default = await create_conversation(client)
+            # An empty prompt stands for the default one.
+            empty = await create_conversation(client, system_prompt="")
+
+            fits = await send(client, own, "hi")
+            refused = [await send(client, cid, "hi") for cid in (default, empty)]
+
+            assert fits.status_code == 200, fits.text
+            assert fake_llm.messages(0)[0] == {"role": "system", "content": "Be brief."}
+            for response in refused:
+                assert response.status_code == 422, response.text
+                assert response.json()["error"]["code"] == "context_length_exceeded"
+            assert await count_rows(engine, "messages") == 2
+            for cid in (default, empty):
+                assert await messages(client, cid) == []
+                assert await _claim_state(engine, cid) == (1, None)

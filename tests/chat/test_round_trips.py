@@ -29,9 +29,14 @@ def record_statements(engine: Any) -> list[str]:
     return sent
 
 
+def kinds(sent: list[str]) -> list[str]:
+    return [" ".join(statement.rstrip(";").split()[:2]) for statement in sent]
+
+
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_a_turn_is_four_statements_on_postgresql(
-    app_factory: Callable[..., Any], fake_llm: FakeLLM
+@pytest.mark.parametrize("system_prompt", [None, "Be brief."])
+async def test_a_turn_is_two_statements_on_postgresql(
+    app_factory: Callable[..., Any], fake_llm: FakeLLM, system_prompt: str | None
 ) -> None:
     # Keys off (their lookup is one statement more) and no checkpoint during the turn.
     app = await app_factory(
@@ -39,7 +44,7 @@ async def test_a_turn_is_four_statements_on_postgresql(
     )
     fake_llm.default = Script(reply="Hello, Felipe.")
     async with client_for(app) as client:
-        conversation_id = await create_conversation(client)
+        conversation_id = await create_conversation(client, system_prompt=system_prompt)
         await send(client, conversation_id, "Hola, soy Felipe")  # history from now on
         sent = record_statements(app.state.engine)
 
@@ -47,10 +52,66 @@ async def test_a_turn_is_four_statements_on_postgresql(
 
     assert response.status_code == 200, response.text
     assert "Felipe" in fake_llm.messages(1)[1]["content"]
-    kinds = [" ".join(statement.rstrip(";").split()[:2]) for statement in sent]
-    assert kinds == [
-        "BEGIN",
+    assert kinds(sent) == [
         "WITH claimed",  # the claim, both messages and the first page of history
+        "WITH finished",  # the reply stored and the claim released
+    ], sent
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_prompt_not_known_to_fit_is_counted_in_a_transaction(
+    app_factory: Callable[..., Any], fake_llm: FakeLLM
+) -> None:
+    # 100 bytes of prompt in a 300-token window: it fits, but its size alone does not say so.
+    app = await app_factory(
+        auth={"mode": "disabled"},
+        reliability={"stream_checkpoint_interval": 60},
+        llm={"context_window": 300, "max_tokens": 100},
+    )
+    fake_llm.default = Script(reply="ok")
+    async with client_for(app) as client:
+        conversation_id = await create_conversation(client, system_prompt="Be brief. " * 10)
+        await send(client, conversation_id, "hello")  # and the reaper's first pass is over
+        sent = record_statements(app.state.engine)
+
+        response = await send(client, conversation_id, "hi")
+
+    assert response.status_code == 200, response.text
+    assert kinds(sent) == [
+        "WITH claimed",  # no row: the guard refused the prompt, and nothing was stored
+        "SELECT conversations.busy_until",  # found, and free
+        "BEGIN",
+        "WITH claimed",
         "COMMIT",
-        "WITH finished",  # the reply stored and the claim released, no transaction
+        "WITH finished",
+    ], sent
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_turn_with_an_idempotency_key_starts_in_one_transaction(
+    app_factory: Callable[..., Any], fake_llm: FakeLLM
+) -> None:
+    app = await app_factory(
+        auth={"mode": "disabled"}, reliability={"stream_checkpoint_interval": 60}
+    )
+    fake_llm.default = Script(reply="ok")
+    async with client_for(app) as client:
+        conversation_id = await create_conversation(client)
+        await send(client, conversation_id, "hello")  # and the reaper's first pass is over
+        sent = record_statements(app.state.engine)
+
+        response = await client.post(
+            f"/api/v1/conversations/{conversation_id}/messages",
+            json={"message": "hi"},
+            headers={"Idempotency-Key": "k-1"},
+        )
+
+    assert response.status_code == 200, response.text
+    assert kinds(sent) == [
+        "BEGIN",
+        "SELECT idempotency_keys.id,",  # an earlier request with this key?
+        "WITH claimed",
+        "INSERT INTO",  # the key, with the turn it started
+        "COMMIT",
+        "WITH finished",
     ], sent

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -189,6 +190,17 @@ class TestTokens:
         assert provider.count_tokens(text) == expected
         assert expected != len(text)
         assert provider.count_tokens("") == 0
+
+    def test_no_text_costs_more_tokens_than_its_bytes_plus_one(
+        self, provider: LocalProvider
+    ) -> None:
+        rng = random.Random(20261201)
+        alphabet = "a.1 \n!é日🙂Я-_,"
+        texts = ["", "a", ".", " ", "🙂", "日本", "a." * 300, " \n" * 50]
+        texts += ["".join(rng.choices(alphabet, k=rng.randint(1, 300))) for _ in range(200)]
+        bound = provider.max_tokens_per_byte()
+        for text in texts:
+            assert provider.count_tokens(text) <= bound * len(text.encode()) + 1, text
 
     async def test_prompt_usage_is_the_counted_messages_plus_the_reply_header(
         self, provider: LocalProvider, vocab: Llama

@@ -327,6 +327,7 @@ class TestProviderMembers:
         assert provider.count_tokens(sample) > primary.count_tokens(sample)
         assert provider.supports_streaming
         assert provider.message_overhead() == 4
+        assert provider.max_tokens_per_byte() == fallback.max_tokens_per_byte() > 1
 
     async def test_usage_calibrates_the_member_that_answered(self, rig: Rig) -> None:
         provider = await rig.chain(primary_url=unreachable_url())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -126,3 +127,31 @@ class TestTokenEstimator:
     def test_invalid_settings_are_refused(self, kwargs: dict[str, float]) -> None:
         with pytest.raises(ValueError):  # noqa: PT011 - the message is not the contract
             TokenEstimator(**kwargs)
+
+
+# Texts that cost the most tokens per byte: one-byte pieces (a letter, then punctuation),
+# digits cut in threes, lone non-ASCII characters, whitespace runs, and random mixtures.
+_ALPHABET = "a.1 \n!é日🙂Я-_,"
+
+
+def _adversarial() -> list[str]:
+    rng = random.Random(20261201)
+    fixed = ["a.", "a", ".", "a." * 500, "1a" * 300, "é." * 200, "日." * 200, "🙂a" * 100]
+    fixed += [" \n" * 50, "!" * 999, RUSSIAN, CHINESE, ENGLISH]
+    mixed = ["".join(rng.choices(_ALPHABET, k=rng.randint(1, 400))) for _ in range(300)]
+    return fixed + mixed
+
+
+class TestBytesBound:
+    @pytest.mark.parametrize("ratio", [MIN_RATIO, 1.0, MAX_RATIO, 50.0])
+    def test_no_text_costs_more_than_the_bound_whatever_the_calibration(self, ratio: float) -> None:
+        estimator = TokenEstimator(ratio=ratio)
+        bound = estimator.max_tokens_per_byte()
+        worst = 0.0
+        for text in _adversarial():
+            size = len(text.encode())
+            assert estimator.count(text) <= bound * size + 1, text
+            worst = max(worst, (estimator.count(text) - 1) / size)
+        if estimator.ratio == MAX_RATIO:
+            # The bound is not loose for nothing: a letter-and-dot text comes close to it.
+            assert worst > 0.8 * bound

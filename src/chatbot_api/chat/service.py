@@ -16,6 +16,7 @@ first and never commit; `chat.turns` owns the transactions.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,15 @@ CLAIM_ATTEMPTS = 3
 PROMPT_OVERHEAD = 8
 
 
+# What lets every stored system prompt through BEGIN_TURN's guard (`octet_length` is int4).
+ANY_PROMPT_BYTES = 2**31 - 1
+
+
+class NeedsTransaction(Exception):
+    """`begin_turn(standalone=True)` could not tell that the system prompt fits without
+    counting it, and stored nothing: start the turn again inside a transaction."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredReply:
     """What a reader needs of a stored reply to rebuild its events."""
@@ -66,6 +76,8 @@ class TokenBudget:
     reply_tokens: int
     per_message: int
     count: Callable[[str], int]
+    # `Provider.max_tokens_per_byte`: `count(text) <= tokens_per_byte * bytes + 1`.
+    tokens_per_byte: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +103,7 @@ async def begin_turn(
     model_used: str,
     lease: timedelta,
     now: datetime | None = None,
+    standalone: bool = False,
 ) -> BegunTurn:
     """Claim the conversation and store the user message and the reply placeholder.
 
@@ -98,12 +111,36 @@ async def begin_turn(
     same error for both), `ConversationBusy` while another turn holds it, and `ContextTooLong`
     if the system prompt and the new message alone leave no room for the reply. Any of these
     rolls the transaction back, so nothing is stored.
+
+    `standalone=True` is for running with no transaction around it (`run_transaction`'s
+    `single_statement`): on PostgreSQL the turn then starts in one statement that commits on
+    its own, so it only claims a conversation whose system prompt is known beforehand to fit
+    (see `statements.BEGIN_TURN`). Otherwise, nothing is stored and `NeedsTransaction` is
+    raised: the caller runs the turn's start again in a transaction. Elsewhere (SQLite) it
+    changes nothing, since the statements run in a transaction all the same.
     """
     now = now or utcnow()
     user_id, assistant_id = new_id(), new_id()
+    default_tokens = budget.count(default_system_prompt) + budget.per_message
+    # The tokens left for the system prompt, with its per-message overhead.
+    prompt_room = (
+        budget.context_window
+        - budget.reply_tokens
+        - (PROMPT_OVERHEAD + text_tokens + budget.per_message)
+    )
+    if standalone:
+        guard = {
+            "p_default_fits": default_tokens <= prompt_room,
+            "p_prompt_bytes": max(
+                -1, math.floor((prompt_room - budget.per_message - 1) / budget.tokens_per_byte)
+            ),
+        }
+    else:
+        guard = {"p_default_fits": True, "p_prompt_bytes": ANY_PROMPT_BYTES}
     claim_seq, stored_prompt, first_page = await _claim(
         tx,
         {
+            **guard,
             "p_id": conversation_id,
             "p_owner": owner_id,
             "p_now": now,
@@ -117,13 +154,18 @@ async def begin_turn(
             "p_model": model_used,
         },
         now=now,
+        standalone=standalone,
     )
     user_seq = claim_seq - 2
     system_prompt: str = stored_prompt or default_system_prompt
 
-    system_tokens = budget.count(system_prompt) + budget.per_message
+    # Counted before the claim for the default prompt: the guard relied on that count (a
+    # calibration since then may count differently).
+    system_tokens = (
+        budget.count(system_prompt) + budget.per_message if stored_prompt else default_tokens
+    )
     fixed = PROMPT_OVERHEAD + system_tokens + text_tokens + budget.per_message
-    room = budget.context_window - budget.reply_tokens - fixed
+    room = prompt_room - system_tokens
     if room < 0:
         raise ContextTooLong(
             f"The message needs about {text_tokens} tokens; with the system prompt and "
@@ -181,7 +223,7 @@ async def begin_turn(
 
 
 async def _claim(
-    tx: Tx, params: dict[str, Any], *, now: datetime
+    tx: Tx, params: dict[str, Any], *, now: datetime, standalone: bool
 ) -> tuple[int, str | None, Sequence[Row] | None]:
     """Take the conversation for this turn and allocate two sequence numbers, atomically.
     Returns the new `next_seq`, the conversation's system prompt and, where the backend runs
@@ -205,6 +247,9 @@ async def _claim(
             raise ConversationBusy(
                 retry_after=min(5.0, max(1.0, (busy_until - now).total_seconds()))
             )
+        if standalone and tx.combines_writes:
+            # Free, so the prompt's guard refused it (or it was released in between).
+            raise NeedsTransaction()
         # Released between our UPDATE and this read: the conversation is free, claim again.
     raise ConversationBusy(retry_after=1.0)
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 from typing import Any, cast
 
 from sqlalchemy import (
+    Boolean,
+    Integer,
     Table,
+    and_,
     bindparam,
     delete,
+    func,
     insert,
     literal,
     or_,
@@ -105,7 +109,21 @@ def _constant(value: Any, column: str) -> BindParameter[Any]:
 # the statement that stores its reply (`FINISH_AND_RELEASE`, or RELEASE in FINISH's
 # transaction). An UPDATE that waits for a row lock only ever takes a row that already
 # matched in that view, so it cannot claim one that another turn freed meanwhile.
-_claimed = _claim.cte("claimed")
+#
+# Run on its own (no transaction around it), BEGIN_TURN commits before Python has counted the
+# system prompt's tokens, so its claim also asks that the prompt leave room for the rest of
+# the turn: the default prompt (NULL or empty) where `p_default_fits` (counted in Python
+# beforehand), or a stored one of at most `p_prompt_bytes` (a bound from
+# `Provider.max_tokens_per_byte`). Inside a transaction, which a prompt too long can still
+# roll back, both let every prompt by.
+# An empty prompt stands for the default, as NULL does (`begin_turn`).
+_own_prompt = func.nullif(_c.system_prompt, "")
+_claimed = _claim.where(
+    or_(
+        and_(_own_prompt.is_(None), bindparam("p_default_fits", type_=Boolean)),
+        func.octet_length(_own_prompt) <= bindparam("p_prompt_bytes", type_=Integer),
+    )
+).cte("claimed")
 _MESSAGE_COLUMNS = (
     "id",
     "conversation_id",

@@ -136,40 +136,53 @@ class TurnManager:
             ),
             per_message=provider.message_overhead(),
             count=provider.count_tokens,
+            tokens_per_byte=provider.max_tokens_per_byte(),
         )
         text_tokens = provider.count_tokens(text)
         model_used = model or provider.model
+
+        begin_turn = functools.partial(
+            service.begin_turn,
+            conversation_id=conversation_id,
+            owner_id=owner_id,
+            text=text,
+            text_tokens=text_tokens,
+            budget=budget,
+            default_system_prompt=self._settings.default_system_prompt,
+            model_used=model_used,
+            lease=self._lease,
+        )
 
         async def begin(tx: Tx) -> service.BegunTurn | tuple[uuid.UUID, uuid.UUID]:
             if idempotency is not None:
                 earlier = await service.find_idempotent(tx, idempotency)
                 if earlier is not None:
                     return earlier
-            begun = await service.begin_turn(
-                tx,
-                conversation_id=conversation_id,
-                owner_id=owner_id,
-                text=text,
-                text_tokens=text_tokens,
-                budget=budget,
-                default_system_prompt=self._settings.default_system_prompt,
-                model_used=model_used,
-                lease=self._lease,
-            )
+            begun = await begin_turn(tx)
             if idempotency is not None:
                 ttl = timedelta(seconds=self._settings.reliability.idempotency_ttl_seconds)
                 await service.remember_idempotent(tx, idempotency, turn=begun, ttl=ttl)
             return begun
 
-        for attempt in range(2):
+        begun: service.BegunTurn | tuple[uuid.UUID, uuid.UUID]
+        if idempotency is None:
+            # With no key to store alongside, the turn usually starts in one statement with no
+            # BEGIN or COMMIT around it (two round trips fewer), else in a transaction.
+            try:
+                begun = await run_transaction(
+                    self._engine,
+                    functools.partial(begin_turn, standalone=True),
+                    single_statement=True,
+                )
+            except service.NeedsTransaction:
+                begun = await run_transaction(self._engine, begin)
+        else:
             try:
                 begun = await run_transaction(self._engine, begin)
-                break
             except IntegrityError:
                 # The same key was stored by a concurrent request after our lookup: this
-                # transaction is rolled back, and the next pass replays that request.
-                if idempotency is None or attempt == 1:
-                    raise
+                # transaction is rolled back, and the second one replays that request.
+                begun = await run_transaction(self._engine, begin)
         if not isinstance(begun, service.BegunTurn):
             replay = await self.attach(*begun)
             if not replay.done and not attach_if_running:

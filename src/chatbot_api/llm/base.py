@@ -109,6 +109,12 @@ class Provider(Protocol):
         """Extra tokens the chat template adds per message (role markers, separators)."""
         ...
 
+    def max_tokens_per_byte(self) -> float:
+        """A bound `k` with `count_tokens(text) <= k * len(text.encode()) + 1` for any text,
+        now and after any calibration: whether a stored text fits a budget can then be told
+        from its size alone, in SQL (`chat.service.begin_turn`)."""
+        ...
+
     def observe_usage(self, estimated_prompt_tokens: int, usage: Usage) -> None:
         """Feed back what the provider reported, to calibrate `count_tokens`."""
         ...

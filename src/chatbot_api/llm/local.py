@@ -259,6 +259,11 @@ class LocalProvider:
         self._loaded()
         return self._overhead
 
+    def max_tokens_per_byte(self) -> float:
+        """The text is tokenized without special tokens, so every token spells at least one
+        byte of it; a SentencePiece vocabulary's leading-space marker is the `+ 1`."""
+        return 1.0
+
     def observe_usage(self, estimated_prompt_tokens: int, usage: Usage) -> None:
         """Nothing to calibrate: `count_tokens` is exact."""
 

@@ -242,6 +242,9 @@ class OpenAICompatProvider:
     def message_overhead(self) -> int:
         return MESSAGE_OVERHEAD
 
+    def max_tokens_per_byte(self) -> float:
+        return self._estimator.max_tokens_per_byte()
+
     def observe_usage(self, estimated_prompt_tokens: int, usage: Usage) -> None:
         self._estimator.observe(estimated_prompt_tokens, usage.prompt_tokens)
 

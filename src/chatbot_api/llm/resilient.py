@@ -202,6 +202,9 @@ class ResilientProvider:
     def message_overhead(self) -> int:
         return max(p.message_overhead() for p in self.chain)
 
+    def max_tokens_per_byte(self) -> float:
+        return max(p.max_tokens_per_byte() for p in self.chain)
+
     def observe_usage(self, estimated_prompt_tokens: int, usage: Usage) -> None:
         self._answered.observe_usage(estimated_prompt_tokens, usage)
 

@@ -96,6 +96,13 @@ class TokenEstimator:
         raw = raw_token_count(text)
         return math.ceil(raw * self._ratio * self._margin) if raw else 0
 
+    def max_tokens_per_byte(self) -> float:
+        """The `Provider.max_tokens_per_byte` bound. A piece of `b` bytes costs at most `b`
+        raw tokens and the non-ASCII surcharge at most `b / 6` more, so raw <= 7/6 of the
+        bytes; the count multiplies that by a factor that calibration never takes past
+        `MAX_RATIO * margin`, and rounds up (the `+ 1` of the bound)."""
+        return (1 + 1 / NON_ASCII_SURCHARGE_BYTES) * MAX_RATIO * self._margin
+
     def observe(self, estimated: int, reported: int) -> None:
         """Calibrate from one call: `estimated` is what this estimator predicted for the prompt
         (its `count()`s plus any per-message overhead), `reported` the provider's prompt_tokens.

@@ -1,11 +1,13 @@
 """The efficiency reference: a raw ASGI app on uvicorn with asyncpg and aiohttp, doing for a turn
 the same statements the app does (see `chatbot_api.chat.service`), with no framework and no ORM.
 
-    transaction     WITH claimed AS (UPDATE conversations ... RETURNING next_seq, ...),
+    one statement   WITH claimed AS (UPDATE conversations ... RETURNING next_seq, ...),
                         inserted AS (INSERT INTO messages ... SELECT ... FROM claimed)
                     SELECT ... FROM claimed LEFT JOIN LATERAL (SELECT ... FROM messages
                         ...) (the claim, the user message and the reply placeholder, and
-                        the first page of history, newest first)
+                        the first page of history, newest first), with no BEGIN or
+                        COMMIT: the claim only takes a conversation whose system prompt
+                        is known to fit (the default one, or one under a size bound)
                     SELECT ... FROM messages ...  (more history, in batches, until the
                         context budget is spent: rarely)
     no connection   POST {llm}/chat/completions, streamed, parsed chunk by chunk
@@ -41,6 +43,8 @@ LEASE = timedelta(seconds=600)
 # The claim, both messages and the first page of history in one statement, as the app runs it.
 CLAIM = """WITH claimed AS (UPDATE conversations SET next_seq = next_seq + 2, busy_until = $2,
 updated_at = $3 WHERE id = $1 AND (busy_until IS NULL OR busy_until < $3)
+AND (nullif(system_prompt, '') IS NULL AND $10::boolean
+OR octet_length(nullif(system_prompt, '')) <= $11::int)
 RETURNING next_seq, system_prompt),
 inserted AS (INSERT INTO messages (id, conversation_id, seq, role, content, status,
 token_count, model_used, created_at, completed_at)
@@ -135,11 +139,26 @@ class Reference:
         assert self.pool is not None
         now = datetime.now(UTC)
         text_tokens = self.tokens.count(text)
-        async with self.pool.acquire() as conn, conn.transaction():
+        # The room left for the system prompt, and the byte bound that surely fits it.
+        prompt_room = CONTEXT_WINDOW - REPLY_TOKENS - OVERHEAD - PER_MESSAGE - text_tokens
+        default_fits = self.tokens.count(SYSTEM) + PER_MESSAGE <= prompt_room
+        prompt_bytes = int((prompt_room - PER_MESSAGE - 1) / self.tokens.max_tokens_per_byte())
+        async with self.pool.acquire() as conn:
             batch = 64
             user_id, reply_id = uuid.uuid4(), uuid.uuid4()
             claimed = await conn.fetch(
-                CLAIM, cid, now + LEASE, now, batch, user_id, text, text_tokens, reply_id, "fake"
+                CLAIM,
+                cid,
+                now + LEASE,
+                now,
+                batch,
+                user_id,
+                text,
+                text_tokens,
+                reply_id,
+                "fake",
+                default_fits,
+                prompt_bytes,
             )
             if not claimed:
                 return None

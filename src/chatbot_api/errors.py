@@ -343,7 +343,7 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 
 
 # Connection exceptions, admin shutdown / crash shutdown / cannot connect now, too many clients.
-TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", "40001", "40P01")
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
@@ -357,7 +357,9 @@ def is_transient_db_error(exc: BaseException) -> bool:
         return False
     # A restarting PostgreSQL: "cannot connect now" (57P03) at connect, "terminating
     # connection due to administrator command" (57P01) mid-query, and connection exceptions
-    # (08xxx). asyncpg raises them as PostgresError, which SQLAlchemy wraps in a bare DBAPIError.
+    # (08xxx); too many connections (53300); and a transaction PostgreSQL aborted to break a
+    # deadlock (40P01) or a serialization conflict (40001), which it asks to retry. asyncpg
+    # raises them as PostgresError, which SQLAlchemy wraps in a bare DBAPIError.
     sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
     return exc.connection_invalidated or sqlstate.startswith(TRANSIENT_SQLSTATES)
 

@@ -4,6 +4,7 @@ database and its claim on the conversation is renewed, however many leases the t
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import uuid
@@ -11,15 +12,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select
+import pytest
+from sqlalchemy import insert, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID
-from chatbot_api.chat import service
+from chatbot_api.chat import checkpoints, service, statements
+from chatbot_api.chat.outcomes import TurnIds
 from chatbot_api.chat.turn import Turn
 from chatbot_api.conversations.models import Conversation, Message, MessageStatus
+from chatbot_api.errors import is_transient_db_error
 from chatbot_api.memory import release_freed_memory
-from chatbot_api.sql import run_transaction
+from chatbot_api.sql import Tx, run_transaction
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import send
 from tests.conftest import client_for, create_conversation
@@ -40,6 +45,59 @@ async def claim_and_partial(engine: AsyncEngine, conversation: str) -> tuple[Any
             )
         )
     return busy_until, partial or ""
+
+
+async def begin_a_turn(engine: AsyncEngine) -> service.BegunTurn:
+    """A turn started in a new conversation, straight through the service."""
+    async with engine.begin() as connection:
+        conversation_id = uuid.uuid4()
+        await connection.execute(
+            insert(Conversation).values(id=conversation_id, owner_id=LOCAL_PRINCIPAL_ID, next_seq=1)
+        )
+    budget = service.TokenBudget(4096, 512, 4, lambda text: len(text) // 4 + 1, 1.0)
+    begun: service.BegunTurn = await run_transaction(
+        engine,
+        lambda tx: service.begin_turn(
+            tx,
+            conversation_id=conversation_id,
+            owner_id=LOCAL_PRINCIPAL_ID,
+            text="hello",
+            text_tokens=2,
+            budget=budget,
+            default_system_prompt="Be brief.",
+            model_used="m",
+            lease=timedelta(seconds=60),
+        ),
+    )
+    return begun
+
+
+async def finish(tx: Tx, *, turn: service.BegunTurn) -> None:
+    await service.finish_turn(
+        tx,
+        turn=turn,
+        content="Hi.",
+        status=MessageStatus.COMPLETED,
+        token_count=1,
+        usage=None,
+        finish_reason="stop",
+        error=None,
+        model_used="m",
+    )
+
+
+async def until_waiting_for_a_lock(engine: AsyncEngine) -> None:
+    """Until some session of this database waits for a lock (10 s at most)."""
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    for _ in range(1000):
+        async with engine.connect() as connection:
+            if await connection.scalar(waiting):
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError("nobody waited for a lock")
 
 
 class TestCheckpointer:
@@ -122,43 +180,10 @@ class TestRenewal:
     ) -> None:
         # The checkpointer collects the claims, then the turn finishes and releases its
         # conversation, then the checkpoint's transaction runs: it must not claim it again.
-        async with engine.begin() as connection:
-            conversation_id = uuid.uuid4()
-            await connection.execute(
-                insert(Conversation).values(
-                    id=conversation_id, owner_id=LOCAL_PRINCIPAL_ID, next_seq=1
-                )
-            )
-        budget = service.TokenBudget(4096, 512, 4, lambda text: len(text) // 4 + 1, 1.0)
-        begun = await run_transaction(
-            engine,
-            lambda tx: service.begin_turn(
-                tx,
-                conversation_id=conversation_id,
-                owner_id=LOCAL_PRINCIPAL_ID,
-                text="hello",
-                text_tokens=2,
-                budget=budget,
-                default_system_prompt="Be brief.",
-                model_used="m",
-                lease=timedelta(seconds=60),
-            ),
-        )
+        begun = await begin_a_turn(engine)
+        conversation_id = begun.conversation_id
         claims = [(begun.conversation_id, begun.claim_seq)]
-        await run_transaction(
-            engine,
-            lambda tx: service.finish_turn(
-                tx,
-                turn=begun,
-                content="Hi.",
-                status=MessageStatus.COMPLETED,
-                token_count=1,
-                usage=None,
-                finish_reason="stop",
-                error=None,
-                model_used="m",
-            ),
-        )
+        await run_transaction(engine, functools.partial(finish, turn=begun))
 
         await run_transaction(
             engine, lambda tx: service.renew_claims(tx, claims, lease=timedelta(seconds=60))
@@ -166,3 +191,81 @@ class TestRenewal:
 
         busy_until, _ = await claim_and_partial(engine, str(conversation_id))
         assert busy_until is None
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+class TestLockOrder:
+    """A checkpoint that renews claims and a turn storing its reply lock the same two rows:
+    the conversation, then the reply (`FINISH_AND_RELEASE` updates the conversation in its
+    main statement and the reply in its WITH, after it). The checkpoint must take them in
+    that order too: the other way round they deadlocked under load (S3's 1,000 streams), and
+    PostgreSQL aborted the turn's statement, so its reply was not stored."""
+
+    async def test_a_checkpoint_waiting_for_a_conversation_holds_no_reply(
+        self, engine: AsyncEngine
+    ) -> None:
+        begun = await begin_a_turn(engine)
+        ids = TurnIds(begun.conversation_id, begun.user_message_id, begun.assistant_message_id)
+        turn = Turn(ids=ids, model_used="m", begun=begun)
+        turn.publish_delta("partial text")
+        async with engine.connect() as holder:
+            await holder.execute(
+                select(Conversation.id)
+                .where(Conversation.id == begun.conversation_id)
+                .with_for_update()
+            )
+            tick = asyncio.create_task(
+                run_transaction(
+                    engine,
+                    functools.partial(
+                        checkpoints._checkpoint,
+                        partials=[(turn, turn.text_length)],
+                        claims=[(begun.conversation_id, begun.claim_seq)],
+                        lease=timedelta(seconds=60),
+                    ),
+                    urgent=True,
+                )
+            )
+            await until_waiting_for_a_lock(engine)
+            async with engine.connect() as probe:
+                # Fails at once (NOWAIT) if the waiting checkpoint already holds the reply.
+                locked = await probe.scalar(
+                    select(Message.id)
+                    .where(Message.id == begun.assistant_message_id)
+                    .with_for_update(nowait=True)
+                )
+                await probe.rollback()
+            await holder.rollback()
+        assert locked == begun.assistant_message_id
+        assert await tick == set()
+        _, partial = await claim_and_partial(engine, str(begun.conversation_id))
+        assert partial == "partial text"
+
+    async def test_a_deadlock_is_a_transient_error_worth_a_retry(self, engine: AsyncEngine) -> None:
+        first, second = await begin_a_turn(engine), await begin_a_turn(engine)
+        both_locked = asyncio.Barrier(2)
+
+        async def cross(tx: Tx, *, mine: service.BegunTurn, theirs: service.BegunTurn) -> None:
+            for index, turn in enumerate((mine, theirs)):
+                await tx.run(
+                    statements.RENEW,
+                    {
+                        "p_id": turn.conversation_id,
+                        "p_claim": turn.claim_seq,
+                        "p_until": datetime.now(UTC) + timedelta(seconds=60),
+                    },
+                )
+                if index == 0:
+                    await both_locked.wait()
+
+        outcomes = await asyncio.gather(
+            run_transaction(engine, functools.partial(cross, mine=first, theirs=second)),
+            run_transaction(engine, functools.partial(cross, mine=second, theirs=first)),
+            return_exceptions=True,
+        )
+
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(errors) == 1, outcomes
+        assert isinstance(errors[0], DBAPIError)
+        assert getattr(errors[0].orig, "sqlstate", None) == "40P01"
+        assert is_transient_db_error(errors[0])

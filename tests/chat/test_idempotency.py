@@ -7,9 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatbot_api.conversations.models import IdempotencyKey
 from chatbot_api.testing.fake_llm import FakeLLM, Script
-from tests.chat.helpers import messages, parse_sse, upstream_called
+from tests.chat.helpers import messages, parse_sse, send, upstream_called
 from tests.conftest import client_for, create_conversation
 
 
@@ -125,3 +128,56 @@ class TestIdempotencyKey:
         other = await _send(client, second_conversation, "hello", "key-7")
 
         assert other.status_code == 422
+
+
+async def keys_stored(engine: AsyncEngine, key: str) -> int:
+    async with engine.connect() as connection:
+        found = await connection.scalar(
+            select(func.count()).select_from(IdempotencyKey).where(IdempotencyKey.key == key)
+        )
+    return int(found or 0)
+
+
+class TestRacingRetries:
+    """Retries sent at the same moment: on PostgreSQL the key is stored in the statement that
+    claims the conversation, so whoever loses the claim finds the key, never a busy
+    conversation without one."""
+
+    async def test_simultaneous_retries_start_one_turn(
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM, engine: AsyncEngine
+    ) -> None:
+        fake_llm.default = Script(reply="only once", ttft=0.3)
+        conversation_id = await create_conversation(client)
+
+        answers = await asyncio.gather(
+            *(_send(client, conversation_id, "hello", "key-race") for _ in range(8))
+        )
+
+        codes = [(a.status_code, a.json().get("error", {}).get("code")) for a in answers]
+        assert (200, None) in codes
+        assert set(codes) <= {(200, None), (409, "idempotency_key_in_flight")}, codes
+        assert {a.json()["response"] for a in answers if a.status_code == 200} == {"only once"}
+        assert len(fake_llm.requests) == 1
+        assert len(await messages(client, conversation_id)) == 2
+        assert await keys_stored(engine, "key-race") == 1
+
+    async def test_one_key_raced_on_two_conversations_starts_one_turn(
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM, engine: AsyncEngine
+    ) -> None:
+        fake_llm.default = Script(reply="only once", ttft=0.3)
+        first, second = await create_conversation(client), await create_conversation(client)
+
+        answers = await asyncio.gather(
+            _send(client, first, "hello", "key-two"), _send(client, second, "hello", "key-two")
+        )
+
+        codes = sorted((a.status_code, a.json().get("error", {}).get("code")) for a in answers)
+        assert codes == [(200, None), (422, "idempotency_key_reused")], codes
+        assert len(fake_llm.requests) == 1
+        assert await keys_stored(engine, "key-two") == 1
+        # The refused conversation holds nothing and is free (its claim was undone too).
+        refused, kept = (first, second) if answers[0].status_code == 422 else (second, first)
+        assert len(await messages(client, kept)) == 2
+        assert await messages(client, refused) == []
+        assert (await send(client, refused, "now without a key")).status_code == 200
+        assert [m["seq"] for m in await messages(client, refused)] == [1, 2]

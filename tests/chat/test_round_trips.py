@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import event
 
@@ -88,30 +89,41 @@ async def test_a_prompt_not_known_to_fit_is_counted_in_a_transaction(
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_a_turn_with_an_idempotency_key_starts_in_one_transaction(
+async def test_a_turn_with_a_new_idempotency_key_is_two_statements_and_a_retry_is_replayed(
     app_factory: Callable[..., Any], fake_llm: FakeLLM
 ) -> None:
     app = await app_factory(
         auth={"mode": "disabled"}, reliability={"stream_checkpoint_interval": 60}
     )
     fake_llm.default = Script(reply="ok")
-    async with client_for(app) as client:
-        conversation_id = await create_conversation(client)
-        await send(client, conversation_id, "hello")  # and the reaper's first pass is over
-        sent = record_statements(app.state.engine)
 
-        response = await client.post(
+    async def keyed(client: httpx.AsyncClient, conversation_id: str) -> httpx.Response:
+        return await client.post(
             f"/api/v1/conversations/{conversation_id}/messages",
             json={"message": "hi"},
             headers={"Idempotency-Key": "k-1"},
         )
 
-    assert response.status_code == 200, response.text
-    assert kinds(sent) == [
-        "BEGIN",
-        "SELECT idempotency_keys.id,",  # an earlier request with this key?
-        "WITH claimed",
-        "INSERT INTO",  # the key, with the turn it started
-        "COMMIT",
+    async with client_for(app) as client:
+        conversation_id = await create_conversation(client)
+        await send(client, conversation_id, "hello")  # and the reaper's first pass is over
+        sent = record_statements(app.state.engine)
+
+        response = await keyed(client, conversation_id)
+        first = kinds(sent)
+        sent.clear()
+        retry = await keyed(client, conversation_id)
+
+    assert response.status_code == retry.status_code == 200, response.text
+    assert retry.json() == response.json()
+    assert len(fake_llm.requests) == 2
+    assert first == [
+        "WITH claimed",  # the claim, both messages, the key and the first page of history
         "WITH finished",
+    ], sent
+    assert kinds(sent)[:4] == [
+        "WITH claimed",  # no row: the key is taken
+        "BEGIN",
+        "SELECT idempotency_keys.id,",  # found: the earlier request is replayed
+        "COMMIT",
     ], sent

@@ -82,7 +82,11 @@ async def _checkpoint(
     claims: list[tuple[uuid.UUID, int]] | None,
     lease: timedelta,
 ) -> set[uuid.UUID]:
-    await service.store_partials(tx, [(t.ids.assistant_message_id, t.text()) for t, _ in partials])
+    # Conversations first, then replies: the order in which a turn storing its reply locks
+    # the same two rows (`statements.FINISH_AND_RELEASE` updates the conversation in its main
+    # statement, and the reply in its WITH after it). Replies first, a renewing checkpoint
+    # and a finishing turn deadlocked under load, and PostgreSQL aborted one of them.
     if claims:
         await service.renew_claims(tx, claims, lease=lease)
+    await service.store_partials(tx, [(t.ids.assistant_message_id, t.text()) for t, _ in partials])
     return await service.cancel_requested(tx)

@@ -47,9 +47,18 @@ PROMPT_OVERHEAD = 8
 ANY_PROMPT_BYTES = 2**31 - 1
 
 
+@dataclass(frozen=True, slots=True)
+class Remember:
+    """An Idempotency-Key to store with the turn it starts, for `ttl`."""
+
+    request: IdempotentRequest
+    ttl: timedelta
+
+
 class NeedsTransaction(Exception):
     """`begin_turn(standalone=True)` could not tell that the system prompt fits without
-    counting it, and stored nothing: start the turn again inside a transaction."""
+    counting it, or could not store its Idempotency-Key (taken already, or a backend that
+    cannot), and stored nothing: start the turn again inside a transaction."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +113,7 @@ async def begin_turn(
     lease: timedelta,
     now: datetime | None = None,
     standalone: bool = False,
+    remember: Remember | None = None,
 ) -> BegunTurn:
     """Claim the conversation and store the user message and the reply placeholder.
 
@@ -118,7 +128,14 @@ async def begin_turn(
     (see `statements.BEGIN_TURN`). Otherwise, nothing is stored and `NeedsTransaction` is
     raised: the caller runs the turn's start again in a transaction. Elsewhere (SQLite) it
     changes nothing, since the statements run in a transaction all the same.
+
+    `remember` (standalone only) stores an Idempotency-Key with the turn, in the same
+    statement, where no row holds that key yet; otherwise, and wherever the backend cannot
+    (SQLite), `NeedsTransaction` is raised with nothing stored, and the caller looks the key
+    up in a transaction (`find_idempotent`, `remember_idempotent`).
     """
+    if remember is not None and not (standalone and tx.combines_writes):
+        raise NeedsTransaction()
     now = now or utcnow()
     user_id, assistant_id = new_id(), new_id()
     default_tokens = budget.count(default_system_prompt) + budget.per_message
@@ -137,10 +154,20 @@ async def begin_turn(
         }
     else:
         guard = {"p_default_fits": True, "p_prompt_bytes": ANY_PROMPT_BYTES}
+    keyed = {}
+    if remember is not None:
+        keyed = {
+            "p_key_id": new_id(),
+            "p_scope": remember.request.scope,
+            "p_key": remember.request.key,
+            "p_hash": remember.request.request_hash,
+            "p_expires": now + remember.ttl,
+        }
     claim_seq, stored_prompt, first_page = await _claim(
         tx,
         {
             **guard,
+            **keyed,
             "p_id": conversation_id,
             "p_owner": owner_id,
             "p_now": now,
@@ -155,6 +182,7 @@ async def begin_turn(
         },
         now=now,
         standalone=standalone,
+        keyed=remember is not None,
     )
     user_seq = claim_seq - 2
     system_prompt: str = stored_prompt or default_system_prompt
@@ -223,7 +251,7 @@ async def begin_turn(
 
 
 async def _claim(
-    tx: Tx, params: dict[str, Any], *, now: datetime, standalone: bool
+    tx: Tx, params: dict[str, Any], *, now: datetime, standalone: bool, keyed: bool
 ) -> tuple[int, str | None, Sequence[Row] | None]:
     """Take the conversation for this turn and allocate two sequence numbers, atomically.
     Returns the new `next_seq`, the conversation's system prompt and, where the backend runs
@@ -231,10 +259,15 @@ async def _claim(
     statement), that page; elsewhere None, and nothing is inserted yet."""
     for _ in range(CLAIM_ATTEMPTS):
         if tx.combines_writes:
-            rows = await tx.all(statements.BEGIN_TURN, params)
+            statement = statements.BEGIN_KEYED_TURN if keyed else statements.BEGIN_TURN
+            rows = await tx.all(statement, params)
             if rows:
                 page = [row[2:] for row in rows if row[2] is not None]
                 return rows[0][0], rows[0][1], page
+            if keyed:
+                # The key may be held already: the transaction replays that request, and
+                # tells a busy or unknown conversation and a prompt too long apart.
+                raise NeedsTransaction()
         else:
             claimed = await tx.first(statements.CLAIM, params)
             if claimed is not None:

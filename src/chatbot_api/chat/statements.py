@@ -116,14 +116,11 @@ def _constant(value: Any, column: str) -> BindParameter[Any]:
 # beforehand), or a stored one of at most `p_prompt_bytes` (a bound from
 # `Provider.max_tokens_per_byte`). Inside a transaction, which a prompt too long can still
 # roll back, both let every prompt by.
-# An empty prompt stands for the default, as NULL does (`begin_turn`).
-_own_prompt = func.nullif(_c.system_prompt, "")
-_claimed = _claim.where(
-    or_(
-        and_(_own_prompt.is_(None), bindparam("p_default_fits", type_=Boolean)),
-        func.octet_length(_own_prompt) <= bindparam("p_prompt_bytes", type_=Integer),
-    )
-).cte("claimed")
+#
+# With an Idempotency-Key, BEGIN_KEYED_TURN also stores the key with the turn it starts, and
+# claims nothing while any row holds that key (live or expired: the caller then starts the
+# turn in a transaction, which replays, refuses or forgets it). Two requests racing with one
+# key: the second waits on the unique index for the first to commit, then fails whole.
 _MESSAGE_COLUMNS = (
     "id",
     "conversation_id",
@@ -136,69 +133,118 @@ _MESSAGE_COLUMNS = (
     "created_at",
     "completed_at",
 )
-
-
-def _message_row(seq_back: int, **columns: ColumnElement[Any]) -> Select[Any]:
-    """One row of the turn's INSERT: in this conversation, created now, numbered `seq_back`
-    below the claim's new `next_seq`, with the rest of `_MESSAGE_COLUMNS` from `columns`."""
-    values = {
-        "conversation_id": _param("p_id", "conversation_id"),
-        "seq": _claimed.c.next_seq - seq_back,
-        "created_at": _param("p_now", "created_at"),
-        **columns,
-    }
-    return select(*(values[name] for name in _MESSAGE_COLUMNS)).select_from(_claimed)
-
-
-_user_row = _message_row(
-    2,
-    id=_param("p_user_id", "id"),
-    role=_constant(MessageRole.USER.value, "role"),
-    content=_param("p_text", "content"),
-    status=_constant(MessageStatus.COMPLETED.value, "status"),
-    token_count=_param("p_text_tokens", "token_count"),
-    model_used=_constant(None, "model_used"),
-    completed_at=_param("p_now", "completed_at"),
+# An empty prompt stands for the default, as NULL does (`begin_turn`).
+_own_prompt = func.nullif(_c.system_prompt, "")
+_prompt_fits = or_(
+    and_(_own_prompt.is_(None), bindparam("p_default_fits", type_=Boolean)),
+    func.octet_length(_own_prompt) <= bindparam("p_prompt_bytes", type_=Integer),
 )
-_reply_row = _message_row(
-    1,
-    id=_param("p_reply_id", "id"),
-    role=_constant(MessageRole.ASSISTANT.value, "role"),
-    content=_constant("", "content"),
-    status=_constant(MessageStatus.STREAMING.value, "status"),
-    token_count=_constant(0, "token_count"),
-    model_used=_param("p_model", "model_used"),
-    completed_at=_constant(None, "completed_at"),
+_key_unused = ~(
+    select(_i.id).where(_i.scope == bindparam("p_scope"), _i.key == bindparam("p_key")).exists()
 )
-_inserted = (
-    insert(messages_t)
-    .from_select(_MESSAGE_COLUMNS, union_all(_user_row, _reply_row))
-    .cte("inserted")
-)
-_recent = (
-    select(_m.seq, _m.role, _m.content, _m.token_count)
-    .where(
-        _m.conversation_id == bindparam("p_id"),
-        _m.seq < _claimed.c.next_seq - 2,
-        _in_context,
+
+
+def _begin_turn(*, keyed: bool) -> Select[Any]:
+    """BEGIN_TURN, or with `keyed` BEGIN_KEYED_TURN (see the comment above)."""
+    claimed = _claim.where(_prompt_fits, *((_key_unused,) if keyed else ())).cte("claimed")
+
+    def message_row(seq_back: int, **columns: ColumnElement[Any]) -> Select[Any]:
+        """One row of the turn's INSERT: in this conversation, created now, numbered
+        `seq_back` below the claim's new `next_seq`, the rest of `_MESSAGE_COLUMNS` from
+        `columns`."""
+        values = {
+            "conversation_id": _param("p_id", "conversation_id"),
+            "seq": claimed.c.next_seq - seq_back,
+            "created_at": _param("p_now", "created_at"),
+            **columns,
+        }
+        return select(*(values[name] for name in _MESSAGE_COLUMNS)).select_from(claimed)
+
+    user_row = message_row(
+        2,
+        id=_param("p_user_id", "id"),
+        role=_constant(MessageRole.USER.value, "role"),
+        content=_param("p_text", "content"),
+        status=_constant(MessageStatus.COMPLETED.value, "status"),
+        token_count=_param("p_text_tokens", "token_count"),
+        model_used=_constant(None, "model_used"),
+        completed_at=_param("p_now", "completed_at"),
     )
-    .order_by(_m.seq.desc())
-    .limit(bindparam("p_limit"))
-    .lateral("recent")
-)
-BEGIN_TURN = Prepared(
-    select(
-        _claimed.c.next_seq,
-        _claimed.c.system_prompt,
-        _recent.c.seq,
-        _recent.c.role,
-        _recent.c.content,
-        _recent.c.token_count,
+    reply_row = message_row(
+        1,
+        id=_param("p_reply_id", "id"),
+        role=_constant(MessageRole.ASSISTANT.value, "role"),
+        content=_constant("", "content"),
+        status=_constant(MessageStatus.STREAMING.value, "status"),
+        token_count=_constant(0, "token_count"),
+        model_used=_param("p_model", "model_used"),
+        completed_at=_constant(None, "completed_at"),
     )
-    .select_from(_claimed.outerjoin(_recent, true()))
-    .order_by(_recent.c.seq.desc().nulls_last())
-    .add_cte(_inserted)
-)
+    inserted = (
+        insert(messages_t)
+        .from_select(_MESSAGE_COLUMNS, union_all(user_row, reply_row))
+        .cte("inserted")
+    )
+    recent = (
+        select(_m.seq, _m.role, _m.content, _m.token_count)
+        .where(
+            _m.conversation_id == bindparam("p_id"),
+            _m.seq < claimed.c.next_seq - 2,
+            _in_context,
+        )
+        .order_by(_m.seq.desc())
+        .limit(bindparam("p_limit"))
+        .lateral("recent")
+    )
+    statement = (
+        select(
+            claimed.c.next_seq,
+            claimed.c.system_prompt,
+            recent.c.seq,
+            recent.c.role,
+            recent.c.content,
+            recent.c.token_count,
+        )
+        .select_from(claimed.outerjoin(recent, true()))
+        .order_by(recent.c.seq.desc().nulls_last())
+        .add_cte(inserted)
+    )
+    if not keyed:
+        return statement
+    key_row = select(
+        bindparam("p_key_id", type_=_i.id.type),
+        bindparam("p_scope", type_=_i.scope.type),
+        bindparam("p_key", type_=_i.key.type),
+        bindparam("p_hash", type_=_i.request_hash.type),
+        _param("p_id", "conversation_id"),
+        _param("p_user_id", "id"),
+        _param("p_reply_id", "id"),
+        _param("p_now", "created_at"),
+        bindparam("p_expires", type_=_i.expires_at.type),
+    ).select_from(claimed)
+    remembered = (
+        insert(idempotency_t)
+        .from_select(
+            (
+                "id",
+                "scope",
+                "key",
+                "request_hash",
+                "conversation_id",
+                "user_message_id",
+                "assistant_message_id",
+                "created_at",
+                "expires_at",
+            ),
+            key_row,
+        )
+        .cte("remembered")
+    )
+    return statement.add_cte(remembered)
+
+
+BEGIN_TURN = Prepared(_begin_turn(keyed=False))
+BEGIN_KEYED_TURN = Prepared(_begin_turn(keyed=True))
 _finish = (
     update(messages_t)
     .where(_m.id == bindparam("p_id"))

@@ -50,6 +50,7 @@ from chatbot_api.config import Settings
 from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.errors import (
     AppError,
+    ConversationBusy,
     GenerationCancelled,
     GenerationInterrupted,
     IdempotencyInFlight,
@@ -153,6 +154,8 @@ class TurnManager:
             lease=self._lease,
         )
 
+        ttl = timedelta(seconds=self._settings.reliability.idempotency_ttl_seconds)
+
         async def begin(tx: Tx) -> service.BegunTurn | tuple[uuid.UUID, uuid.UUID]:
             if idempotency is not None:
                 earlier = await service.find_idempotent(tx, idempotency)
@@ -160,29 +163,41 @@ class TurnManager:
                     return earlier
             begun = await begin_turn(tx)
             if idempotency is not None:
-                ttl = timedelta(seconds=self._settings.reliability.idempotency_ttl_seconds)
                 await service.remember_idempotent(tx, idempotency, turn=begun, ttl=ttl)
             return begun
 
+        async def in_transaction() -> service.BegunTurn | tuple[uuid.UUID, uuid.UUID]:
+            try:
+                return await run_transaction(self._engine, begin)
+            except (IntegrityError, ConversationBusy):
+                if idempotency is None:
+                    raise
+                # A request with the same key ran at the same time and stored it after our
+                # lookup: this transaction is rolled back (the key taken, or the conversation
+                # busy with that request's turn), and the next one replays that request.
+                return await run_transaction(self._engine, begin)
+
         begun: service.BegunTurn | tuple[uuid.UUID, uuid.UUID]
-        if idempotency is None:
-            # With no key to store alongside, the turn usually starts in one statement with no
-            # BEGIN or COMMIT around it (two round trips fewer), else in a transaction.
-            try:
-                begun = await run_transaction(
-                    self._engine,
-                    functools.partial(begin_turn, standalone=True),
-                    single_statement=True,
-                )
-            except service.NeedsTransaction:
-                begun = await run_transaction(self._engine, begin)
-        else:
-            try:
-                begun = await run_transaction(self._engine, begin)
-            except IntegrityError:
-                # The same key was stored by a concurrent request after our lookup: this
-                # transaction is rolled back, and the second one replays that request.
-                begun = await run_transaction(self._engine, begin)
+        try:
+            # Usually one statement with no BEGIN or COMMIT around it, which stores the key
+            # too: one round trip instead of three, or five with a key.
+            begun = await run_transaction(
+                self._engine,
+                functools.partial(
+                    begin_turn,
+                    standalone=True,
+                    remember=None if idempotency is None else service.Remember(idempotency, ttl),
+                ),
+                single_statement=True,
+            )
+        except service.NeedsTransaction:
+            # A prompt not known to fit, or a key already stored: nothing was stored.
+            begun = await in_transaction()
+        except IntegrityError:
+            if idempotency is None:
+                raise
+            # A request racing with this one stored the key first: the statement failed whole.
+            begun = await in_transaction()
         if not isinstance(begun, service.BegunTurn):
             replay = await self.attach(*begun)
             if not replay.done and not attach_if_running:

@@ -45,11 +45,15 @@ def build_request(
     *,
     bearer: str | None = None,
     accept: str | None = None,
+    idempotency_key: str | None = None,
 ) -> bytes:
-    """The bytes of one request. Every request may carry a bearer key (API-key auth)."""
+    """The bytes of one request. Every request may carry a bearer key (API-key auth) and an
+    `Idempotency-Key`."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
     if bearer:
         lines.append(f"Authorization: Bearer {bearer}")
+    if idempotency_key:
+        lines.append(f"Idempotency-Key: {idempotency_key}")
     if accept:
         lines.append(f"Accept: {accept}")
     if body is not None:

@@ -31,6 +31,7 @@ import re
 import resource
 import sys
 import time
+import uuid
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -135,6 +136,8 @@ class Part:
         self.stream: bool = bool(req.get("stream")) or self.kind == "direct"
         self.patterns = DIRECT_PATTERNS if self.kind == "direct" else APP_PATTERNS
         self.bearer: str | None = spec.get("bearer")
+        # A new Idempotency-Key on every send (a client that always sends one).
+        self.idempotency: bool = bool(spec.get("idempotency"))
         self.rng = random.Random(seed)
         self.free: list[str] = list(spec.get("conversations", []))
         self._message = req.get("message", "Hello! How are you today?")
@@ -165,7 +168,11 @@ class Part:
             cid = self.free.pop()
             body = json.dumps({"message": f"{self._message} (#{i})", "stream": self.stream})
             path = f"/api/v1/conversations/{cid}/messages"
-            return build_request("POST", LOOPBACK, port, path, body.encode(), bearer=bearer), cid
+            key = uuid.uuid4().hex if self.idempotency else None
+            data = build_request(
+                "POST", LOOPBACK, port, path, body.encode(), bearer=bearer, idempotency_key=key
+            )
+            return data, cid
         if self.kind == "create":
             path = "/api/v1/conversations"
             return build_request("POST", LOOPBACK, port, path, b"{}", bearer=bearer), None

@@ -4,7 +4,9 @@ statements (`bench/reference_app.py`), measured in the same run.
 Closed loop, fixed counts, interleaved A/B/A/B, one worker each, same fake LLM (zero latency),
 same pool size. Create-conversation is compared the same way, for information, and so is a
 send through a second app with API-key authentication on (`AUTH_MODE=enabled`, the default):
-the target is taken with it off, as the reference authenticates nobody.
+the target is taken with it off, as the reference authenticates nobody. A third send phase
+gives every request a new `Idempotency-Key` (what a client that retries safely sends), also
+for information.
 """
 
 from __future__ import annotations
@@ -53,11 +55,12 @@ async def run(b: Bench) -> None:
         count, conc, rounds = b.n(3000, 600), 16, b.n(2, 1)
         cap = b.n(15, 4)  # seconds
 
-        def sender(proc: Proc, bearer: str | None = None) -> Any:
+        def sender(proc: Proc, bearer: str | None = None, *, idempotency: bool = False) -> Any:
             async def go() -> Job:
                 spec = send(proc, b.conversations, count=count, concurrency=conc, duration_s=cap)
                 if bearer is not None:
                     spec["bearer"] = bearer
+                spec["idempotency"] = idempotency
                 return await b.job([spec], cpu={"server": proc})
 
             return go
@@ -73,7 +76,12 @@ async def run(b: Bench) -> None:
 
         sends = await interleave(
             rounds,
-            {"reference": sender(ref), "app": sender(app), "app, API key": sender(keyed, key)},
+            {
+                "reference": sender(ref),
+                "app": sender(app),
+                "app, API key": sender(keyed, key),
+                "app, Idempotency-Key": sender(app, idempotency=True),
+            },
         )
         creates = await interleave(rounds, {"reference": creator(ref), "app": creator(app)})
 
@@ -100,12 +108,20 @@ async def run(b: Bench) -> None:
         f"app {keyed_cpu:.0f} us vs {app_cpu:.0f} us per turn with auth off "
         f"(+{keyed_cpu - app_cpu:.0f} us); {keyed_cpu / ref_cpu:.2f}x the reference",
     )
+    idempotent_cpu = cpu_per_ok(sends["app, Idempotency-Key"], "server")
+    b.results.detail(
+        8,
+        "send with an Idempotency-Key (information)",
+        f"app {idempotent_cpu:.0f} us vs {app_cpu:.0f} us per turn without "
+        f"(+{idempotent_cpu - app_cpu:.0f} us); {idempotent_cpu / ref_cpu:.2f}x the reference",
+    )
     b.results.detail(
         8,
         "send phases",
         phase_rows("reference", sends["reference"], "server")
         + phase_rows("app", sends["app"], "server")
-        + phase_rows("app, API key", sends["app, API key"], "server"),
+        + phase_rows("app, API key", sends["app, API key"], "server")
+        + phase_rows("app, Idempotency-Key", sends["app, Idempotency-Key"], "server"),
     )
     b.results.detail(
         8,
@@ -118,4 +134,5 @@ async def run(b: Bench) -> None:
         "ref_send_us": ref_cpu,
         "app_create_us": c_app,
         "app_send_with_key_us": keyed_cpu,
+        "app_send_with_idempotency_key_us": idempotent_cpu,
     }

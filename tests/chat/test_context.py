@@ -1,5 +1,6 @@
 """Building the context: the window is respected, the system prompt and the new message are
-always kept, and a very long conversation costs no more history reads than fit."""
+always kept, and a very long conversation costs no more history reads than fit; and starting
+a turn stores nothing when it fails (a prompt too long, a connection lost)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import event, insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatbot_api.chat import service
 from chatbot_api.conversations.models import Conversation, Message
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import messages, send
@@ -214,3 +218,52 @@ class TestSystemPromptRoom:
             for cid in (default, empty):
                 assert await messages(client, cid) == []
                 assert await _claim_state(engine, cid) == (1, None)
+
+
+class TestStartWithUnknownOutcome:
+    """A turn's start whose connection breaks while it runs (a database restart) may have
+    committed or not; on PostgreSQL it runs on its own, so nothing rolls it back. It is taken
+    back: the client gets 503 and nothing is stored, the conversation is free, and its key
+    (if any) is not taken. Without that, the client's retry ran into its own start's claim
+    (409 `conversation_busy`) until the lease lapsed."""
+
+    @staticmethod
+    def break_after_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+        real = service.begin_turn
+
+        async def committed_then_lost(tx: Any, **kwargs: Any) -> service.BegunTurn:
+            await real(tx, **kwargs)
+            raise DBAPIError(
+                "BEGIN_TURN", None, OSError("connection lost"), connection_invalidated=True
+            )
+
+        monkeypatch.setattr(service, "begin_turn", committed_then_lost)
+
+    @pytest.mark.parametrize("key", [None, "key-lost"])
+    async def test_a_start_whose_connection_broke_is_taken_back(
+        self,
+        app_factory: Callable[..., Any],
+        fake_llm: FakeLLM,
+        engine: AsyncEngine,
+        monkeypatch: pytest.MonkeyPatch,
+        key: str | None,
+    ) -> None:
+        app = await app_factory()
+        fake_llm.default = Script(reply="ok")
+        headers = {} if key is None else {"Idempotency-Key": key}
+        async with client_for(app) as client:
+            conversation_id = await create_conversation(client)
+            path = f"/api/v1/conversations/{conversation_id}/messages"
+            with monkeypatch.context() as patch:
+                self.break_after_the_start(patch)
+                failed = await client.post(path, json={"message": "hi"}, headers=headers)
+
+            assert failed.status_code == 503, failed.text
+            assert failed.json()["error"]["code"] == "database_unavailable"
+            assert await messages(client, conversation_id) == []
+            assert await _claim_state(engine, conversation_id) == (1, None)
+            assert fake_llm.requests == []
+
+            retried = await client.post(path, json={"message": "hi"}, headers=headers)
+            assert retried.status_code == 200, retried.text
+            assert [m["seq"] for m in await messages(client, conversation_id)] == [1, 2]

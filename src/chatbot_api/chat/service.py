@@ -114,6 +114,7 @@ async def begin_turn(
     now: datetime | None = None,
     standalone: bool = False,
     remember: Remember | None = None,
+    message_ids: tuple[uuid.UUID, uuid.UUID] | None = None,
 ) -> BegunTurn:
     """Claim the conversation and store the user message and the reply placeholder.
 
@@ -133,11 +134,14 @@ async def begin_turn(
     statement, where no row holds that key yet; otherwise, and wherever the backend cannot
     (SQLite), `NeedsTransaction` is raised with nothing stored, and the caller looks the key
     up in a transaction (`find_idempotent`, `remember_idempotent`).
+
+    `message_ids` are the ids to give the user message and the reply, chosen by the caller
+    so that it can take back a start whose outcome it does not know (`undo_start`).
     """
     if remember is not None and not (standalone and tx.combines_writes):
         raise NeedsTransaction()
     now = now or utcnow()
-    user_id, assistant_id = new_id(), new_id()
+    user_id, assistant_id = message_ids or (new_id(), new_id())
     default_tokens = budget.count(default_system_prompt) + budget.per_message
     # The tokens left for the system prompt, with its per-message overhead.
     prompt_room = (
@@ -247,6 +251,25 @@ async def begin_turn(
         context=context,
         prompt_tokens=fixed + history_tokens,
         history_messages=len(history),
+    )
+
+
+async def undo_start(
+    tx: Tx, *, conversation_id: uuid.UUID, message_ids: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    """Take back what `begin_turn(standalone=True, message_ids=...)` stored, if it stored
+    anything: for a start whose statement may or may not have committed. One statement, so
+    running it again changes nothing. Only PostgreSQL runs a start on its own: elsewhere it
+    ran in a transaction, which the failure rolled back."""
+    if not tx.combines_writes:
+        return
+    await tx.run(
+        statements.UNDO_START,
+        {
+            "p_conversation": conversation_id,
+            "p_user_id": message_ids[0],
+            "p_reply_id": message_ids[1],
+        },
     )
 
 

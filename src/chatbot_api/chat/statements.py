@@ -245,6 +245,33 @@ def _begin_turn(*, keyed: bool) -> Select[Any]:
 
 BEGIN_TURN = Prepared(_begin_turn(keyed=False))
 BEGIN_KEYED_TURN = Prepared(_begin_turn(keyed=True))
+# What a turn's start stored, taken back, where its outcome is unknown (its connection broke
+# while it ran): both messages and the key, and the claim released with the two sequence
+# numbers it took, if it is still that claim. A start that did not commit leaves nothing to
+# match, and then this changes nothing.
+_gone = (
+    delete(messages_t)
+    .where(
+        _m.conversation_id == bindparam("p_conversation"),
+        or_(_m.id == bindparam("p_user_id"), _m.id == bindparam("p_reply_id")),
+    )
+    .returning(_m.seq)
+    .cte("gone")
+)
+_unkeyed = (
+    delete(idempotency_t)
+    .where(_i.assistant_message_id == bindparam("p_reply_id", type_=_i.assistant_message_id.type))
+    .cte("unkeyed")
+)
+UNDO_START = Prepared(
+    update(conversations_t)
+    .where(
+        _c.id == bindparam("p_conversation"),
+        _c.next_seq == select(func.max(_gone.c.seq) + 1).scalar_subquery(),
+    )
+    .values(next_seq=_c.next_seq - 2, busy_until=None, updated_at=_c.updated_at)
+    .add_cte(_unkeyed)
+)
 _finish = (
     update(messages_t)
     .where(_m.id == bindparam("p_id"))

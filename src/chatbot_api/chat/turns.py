@@ -34,7 +34,7 @@ from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.chat import service
@@ -48,6 +48,7 @@ from chatbot_api.chat.outcomes import (
 from chatbot_api.chat.turn import Turn, follow
 from chatbot_api.config import Settings
 from chatbot_api.conversations.models import MessageStatus
+from chatbot_api.db import new_id
 from chatbot_api.errors import (
     AppError,
     ConversationBusy,
@@ -178,6 +179,7 @@ class TurnManager:
                 return await run_transaction(self._engine, begin)
 
         begun: service.BegunTurn | tuple[uuid.UUID, uuid.UUID]
+        message_ids = (new_id(), new_id())
         try:
             # Usually one statement with no BEGIN or COMMIT around it, which stores the key
             # too: one round trip instead of three, or five with a key.
@@ -187,9 +189,17 @@ class TurnManager:
                     begin_turn,
                     standalone=True,
                     remember=None if idempotency is None else service.Remember(idempotency, ttl),
+                    message_ids=message_ids,
                 ),
                 single_statement=True,
             )
+        except DBAPIError as exc:
+            if is_transient_db_error(exc):
+                # The connection broke while the statement ran (a database restart): it may
+                # have committed. Take it back, so that a failed start stores nothing and
+                # leaves no claim behind for the client's retry to run into.
+                await self._undo_start(conversation_id, message_ids)
+            raise
         except service.NeedsTransaction:
             # A prompt not known to fit, or a key already stored: nothing was stored.
             begun = await in_transaction()
@@ -209,6 +219,34 @@ class TurnManager:
         self._turns[ids.assistant_message_id] = turn
         turn.task = self._spawn(self._run(turn, budget.reply_tokens, model), f"turn-{ids}")
         return turn
+
+    async def _undo_start(
+        self, conversation_id: uuid.UUID, message_ids: tuple[uuid.UUID, uuid.UUID]
+    ) -> None:
+        """`service.undo_start`, retried while the database is briefly away. If it stays away,
+        a start that did commit keeps its conversation until the claim lapses."""
+        for attempt in range(PERSIST_ATTEMPTS):
+            try:
+                await run_transaction(
+                    self._engine,
+                    functools.partial(
+                        service.undo_start,
+                        conversation_id=conversation_id,
+                        message_ids=message_ids,
+                    ),
+                    single_statement=True,
+                    urgent=True,
+                )
+                return
+            except Exception as exc:
+                if not is_transient_db_error(exc) or attempt == PERSIST_ATTEMPTS - 1:
+                    logger.error(
+                        "could not take back the start of turn %s: %s",
+                        message_ids[1],
+                        type(exc).__name__,
+                    )
+                    return
+                await asyncio.sleep(min(PERSIST_BACKOFF * 2**attempt, PERSIST_BACKOFF_CAP))
 
     async def attach(self, conversation_id: uuid.UUID, message_id: uuid.UUID) -> Turn:
         """The turn that produces `message_id`: live in this process, finished (rebuilt from

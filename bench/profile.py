@@ -2,7 +2,7 @@
 request kind, and the folded stacks are summed by package and by function.
 
     python -m bench.profile send|stream|create [--seconds 15] [--concurrency 16]
-        [--tokens N --token-delay S] [--env KEY=VALUE ...]
+        [--tokens N --token-delay S] [--env KEY=VALUE ...] [--idempotency]
 
 It uses its own database (`chatbot_bench_profile`, dropped afterwards), seeded like the
 suite's. Output: `bench/results/profile-<kind>.txt` (the summary) and `.folded` (the raw
@@ -122,7 +122,7 @@ async def main_async(args: argparse.Namespace) -> None:
         finally:
             await conn.close()
         await b.warm(app, count=300)
-        stem = RESULTS / f"profile-{args.kind}"
+        stem = RESULTS / f"profile-{args.kind}{'-keyed' if args.idempotency else ''}"
         spy = await asyncio.create_subprocess_exec(
             pyspy,
             "record",
@@ -148,6 +148,7 @@ async def main_async(args: argparse.Namespace) -> None:
             spec = send(
                 app, b.conversations, count=count, concurrency=args.concurrency, stream=stream
             )
+            spec["idempotency"] = args.idempotency
         load = asyncio.create_task(b.job([spec], cpu={"app": app}, deadline=args.seconds + 2))
         await asyncio.wait_for(spy.wait(), args.seconds + 30)
         job = await load
@@ -171,6 +172,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the app")
+    parser.add_argument(
+        "--idempotency", action="store_true", help="a new Idempotency-Key on every send"
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -27,6 +27,7 @@ from chatbot_api.memory import release_freed_memory
 from chatbot_api.sql import Tx, run_transaction
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import send
+from tests.chat.test_starts import lock_waiters
 from tests.conftest import client_for, create_conversation
 
 # Renewed every third of it: a stall of up to two thirds (0.67 s) on a loaded machine is fine.
@@ -84,20 +85,6 @@ async def finish(tx: Tx, *, turn: service.BegunTurn) -> None:
         error=None,
         model_used="m",
     )
-
-
-async def until_waiting_for_a_lock(engine: AsyncEngine) -> None:
-    """Until some session of this database waits for a lock (10 s at most)."""
-    waiting = text(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    for _ in range(1000):
-        async with engine.connect() as connection:
-            if await connection.scalar(waiting):
-                return
-        await asyncio.sleep(0.01)
-    raise AssertionError("nobody waited for a lock")
 
 
 class TestCheckpointer:
@@ -226,7 +213,7 @@ class TestLockOrder:
                     urgent=True,
                 )
             )
-            await until_waiting_for_a_lock(engine)
+            await lock_waiters(engine, 1)
             async with engine.connect() as probe:
                 # Fails at once (NOWAIT) if the waiting checkpoint already holds the reply.
                 locked = await probe.scalar(

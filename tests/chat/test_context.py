@@ -228,25 +228,39 @@ class TestStartWithUnknownOutcome:
     (409 `conversation_busy`) until the lease lapsed."""
 
     @staticmethod
-    def break_after_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail_after_the_start(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
         real = service.begin_turn
 
-        async def committed_then_lost(tx: Any, **kwargs: Any) -> service.BegunTurn:
+        async def committed_then_failed(tx: Any, **kwargs: Any) -> service.BegunTurn:
             await real(tx, **kwargs)
-            raise DBAPIError(
-                "BEGIN_TURN", None, OSError("connection lost"), connection_invalidated=True
-            )
+            raise error
 
-        monkeypatch.setattr(service, "begin_turn", committed_then_lost)
+        monkeypatch.setattr(service, "begin_turn", committed_then_failed)
 
+    @pytest.mark.parametrize(
+        ("error", "status", "code"),
+        [
+            (
+                DBAPIError("BEGIN_TURN", None, OSError("lost"), connection_invalidated=True),
+                503,
+                "database_unavailable",
+            ),
+            # In-process, httpx raises what reaches the server's error middleware (a 500).
+            (RuntimeError("a bug after the statement"), None, None),
+        ],
+        ids=["connection lost", "a bug"],
+    )
     @pytest.mark.parametrize("key", [None, "key-lost"])
-    async def test_a_start_whose_connection_broke_is_taken_back(
+    async def test_a_start_that_failed_after_its_statement_is_taken_back(
         self,
         app_factory: Callable[..., Any],
         fake_llm: FakeLLM,
         engine: AsyncEngine,
         monkeypatch: pytest.MonkeyPatch,
         key: str | None,
+        error: Exception,
+        status: int | None,
+        code: str | None,
     ) -> None:
         app = await app_factory()
         fake_llm.default = Script(reply="ok")
@@ -255,11 +269,14 @@ class TestStartWithUnknownOutcome:
             conversation_id = await create_conversation(client)
             path = f"/api/v1/conversations/{conversation_id}/messages"
             with monkeypatch.context() as patch:
-                self.break_after_the_start(patch)
-                failed = await client.post(path, json={"message": "hi"}, headers=headers)
-
-            assert failed.status_code == 503, failed.text
-            assert failed.json()["error"]["code"] == "database_unavailable"
+                self.fail_after_the_start(patch, error)
+                if status is None:
+                    with pytest.raises(type(error)):
+                        await client.post(path, json={"message": "hi"}, headers=headers)
+                else:
+                    failed = await client.post(path, json={"message": "hi"}, headers=headers)
+                    assert failed.status_code == status, failed.text
+                    assert failed.json()["error"]["code"] == code
             assert await messages(client, conversation_id) == []
             assert await _claim_state(engine, conversation_id) == (1, None)
             assert fake_llm.requests == []

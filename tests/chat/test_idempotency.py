@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.conversations.models import IdempotencyKey
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import messages, parse_sse, send, upstream_called
+from tests.chat.test_starts import lock_waiters
 from tests.conftest import client_for, create_conversation
 
 
@@ -181,3 +185,42 @@ class TestRacingRetries:
         assert await messages(client, refused) == []
         assert (await send(client, refused, "now without a key")).status_code == 200
         assert [m["seq"] for m in await messages(client, refused)] == [1, 2]
+
+    @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+    async def test_a_key_stored_while_the_statement_runs_fails_it_whole(
+        self, client: httpx.AsyncClient, fake_llm: FakeLLM, engine: AsyncEngine
+    ) -> None:
+        # Deterministically what the race above may or may not hit: the one-statement start
+        # inserts its key while another transaction holds the same key uncommitted, so it
+        # waits on the unique index, then fails whole when that one commits.
+        fake_llm.default = Script(reply="ok")
+        first, second = await create_conversation(client), await create_conversation(client)
+        await _send(client, first, "probe", "key-probe")
+        async with engine.connect() as connection:
+            scope = await connection.scalar(
+                select(IdempotencyKey.scope).where(IdempotencyKey.key == "key-probe")
+            )
+        async with engine.connect() as holder:
+            await holder.execute(
+                insert(IdempotencyKey).values(
+                    id=uuid.uuid4(),
+                    scope=scope,
+                    key="key-held",
+                    request_hash="0" * 64,
+                    conversation_id=uuid.UUID(first),
+                    user_message_id=uuid.uuid4(),
+                    assistant_message_id=uuid.uuid4(),
+                    expires_at=datetime.now(UTC) + timedelta(hours=1),
+                )
+            )
+            answer = asyncio.create_task(_send(client, second, "hello", "key-held"))
+            await lock_waiters(engine, 1)
+            await holder.commit()
+        refused = await answer
+
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["code"] == "idempotency_key_reused"
+        assert await messages(client, second) == []
+        assert (await send(client, second, "now without a key")).status_code == 200
+        assert [m["seq"] for m in await messages(client, second)] == [1, 2]
+        assert len(fake_llm.requests) == 2

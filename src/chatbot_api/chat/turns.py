@@ -34,7 +34,7 @@ from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.chat import service
@@ -56,6 +56,7 @@ from chatbot_api.errors import (
     GenerationInterrupted,
     IdempotencyInFlight,
     MessageTooLong,
+    NotFound,
     ReplyNotStored,
     UpstreamError,
     is_transient_db_error,
@@ -72,6 +73,8 @@ PERSIST_BACKOFF = 0.25
 PERSIST_BACKOFF_CAP = 2.0
 # How long stopping waits for turns that are cut short to store what they have.
 FINISH_TIMEOUT = 10.0
+# How long a failed start waits for the database to take it back before answering.
+UNDO_TIMEOUT = 6.0
 REAP_INTERVAL = 30.0
 
 
@@ -180,26 +183,22 @@ class TurnManager:
 
         begun: service.BegunTurn | tuple[uuid.UUID, uuid.UUID]
         message_ids = (new_id(), new_id())
+        started = False  # a connection was checked out and the statement may have been sent
+
+        async def standalone(tx: Tx) -> service.BegunTurn:
+            nonlocal started
+            started = True
+            return await begin_turn(
+                tx,
+                standalone=True,
+                remember=None if idempotency is None else service.Remember(idempotency, ttl),
+                message_ids=message_ids,
+            )
+
         try:
             # Usually one statement with no BEGIN or COMMIT around it, which stores the key
             # too: one round trip instead of three, or five with a key.
-            begun = await run_transaction(
-                self._engine,
-                functools.partial(
-                    begin_turn,
-                    standalone=True,
-                    remember=None if idempotency is None else service.Remember(idempotency, ttl),
-                    message_ids=message_ids,
-                ),
-                single_statement=True,
-            )
-        except DBAPIError as exc:
-            if is_transient_db_error(exc):
-                # The connection broke while the statement ran (a database restart): it may
-                # have committed. Take it back, so that a failed start stores nothing and
-                # leaves no claim behind for the client's retry to run into.
-                await self._undo_start(conversation_id, message_ids)
-            raise
+            begun = await run_transaction(self._engine, standalone, single_statement=True)
         except service.NeedsTransaction:
             # A prompt not known to fit, or a key already stored: nothing was stored.
             begun = await in_transaction()
@@ -208,6 +207,17 @@ class TurnManager:
                 raise
             # A request racing with this one stored the key first: the statement failed whole.
             begun = await in_transaction()
+        except (NotFound, ConversationBusy):
+            raise  # the claim matched nothing: nothing was stored
+        except BaseException:
+            # Anything else may have come after the statement committed: its connection broke
+            # while it ran (a database restart), a later page of history failed, the request
+            # was cancelled. Take it back, so that a failed start stores nothing and leaves no
+            # claim behind for the client's retry to run into. (No connection, nothing sent:
+            # the 503 goes out at once.)
+            if started:
+                await asyncio.shield(self._undo_start(conversation_id, message_ids))
+            raise
         if not isinstance(begun, service.BegunTurn):
             replay = await self.attach(*begun)
             if not replay.done and not attach_if_running:
@@ -223,30 +233,28 @@ class TurnManager:
     async def _undo_start(
         self, conversation_id: uuid.UUID, message_ids: tuple[uuid.UUID, uuid.UUID]
     ) -> None:
-        """`service.undo_start`, retried while the database is briefly away. If it stays away,
-        a start that did commit keeps its conversation until the claim lapses."""
-        for attempt in range(PERSIST_ATTEMPTS):
-            try:
-                await run_transaction(
-                    self._engine,
-                    functools.partial(
-                        service.undo_start,
-                        conversation_id=conversation_id,
-                        message_ids=message_ids,
-                    ),
-                    single_statement=True,
-                    urgent=True,
-                )
-                return
-            except Exception as exc:
-                if not is_transient_db_error(exc) or attempt == PERSIST_ATTEMPTS - 1:
-                    logger.error(
-                        "could not take back the start of turn %s: %s",
-                        message_ids[1],
-                        type(exc).__name__,
-                    )
-                    return
-                await asyncio.sleep(min(PERSIST_BACKOFF * 2**attempt, PERSIST_BACKOFF_CAP))
+        """`service.undo_start`, retried while the database is briefly away, for up to
+        `UNDO_TIMEOUT`. If it stays away, a start that did commit keeps its conversation until
+        the claim lapses (and the reaper then marks its reply `incomplete`)."""
+        undo = functools.partial(
+            service.undo_start, conversation_id=conversation_id, message_ids=message_ids
+        )
+        try:
+            async with asyncio.timeout(UNDO_TIMEOUT):
+                for attempt in range(PERSIST_ATTEMPTS):
+                    try:
+                        await run_transaction(
+                            self._engine, undo, single_statement=True, urgent=True
+                        )
+                        return
+                    except Exception as exc:
+                        if not is_transient_db_error(exc) or attempt == PERSIST_ATTEMPTS - 1:
+                            raise
+                    await asyncio.sleep(min(PERSIST_BACKOFF * 2**attempt, PERSIST_BACKOFF_CAP))
+        except Exception as exc:
+            logger.error(
+                "could not take back the start of turn %s: %s", message_ids[1], type(exc).__name__
+            )
 
     async def attach(self, conversation_id: uuid.UUID, message_id: uuid.UUID) -> Turn:
         """The turn that produces `message_id`: live in this process, finished (rebuilt from

@@ -30,7 +30,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -239,22 +239,12 @@ class TurnManager:
         undo = functools.partial(
             service.undo_start, conversation_id=conversation_id, message_ids=message_ids
         )
+        what = f"take back the start of turn {message_ids[1]}"
         try:
             async with asyncio.timeout(UNDO_TIMEOUT):
-                for attempt in range(PERSIST_ATTEMPTS):
-                    try:
-                        await run_transaction(
-                            self._engine, undo, single_statement=True, urgent=True
-                        )
-                        return
-                    except Exception as exc:
-                        if not is_transient_db_error(exc) or attempt == PERSIST_ATTEMPTS - 1:
-                            raise
-                    await asyncio.sleep(min(PERSIST_BACKOFF * 2**attempt, PERSIST_BACKOFF_CAP))
-        except Exception as exc:
-            logger.error(
-                "could not take back the start of turn %s: %s", message_ids[1], type(exc).__name__
-            )
+                await self._retried(undo, what)
+        except TimeoutError:
+            logger.error("could not %s: TimeoutError", what)
 
     async def attach(self, conversation_id: uuid.UUID, message_id: uuid.UUID) -> Turn:
         """The turn that produces `message_id`: live in this process, finished (rebuilt from
@@ -443,28 +433,30 @@ class TurnManager:
     ) -> bool:
         begun = turn.begun
         assert begun is not None
+        store = functools.partial(
+            service.finish_turn,
+            turn=begun,
+            content=text,
+            status=status,
+            token_count=token_count,
+            usage=usage,
+            finish_reason=finish,
+            error=error,
+            model_used=turn.model_used,
+        )
+        # On PostgreSQL one statement, so a retry is safe (`finish_turn`).
+        return await self._retried(store, f"store reply {turn.ids}")
+
+    async def _retried(self, work: Callable[[Tx], Awaitable[None]], what: str) -> bool:
+        """`work`, one statement on PostgreSQL that is safe to run again, retried while the
+        database is briefly away (a restart): False, logged, if it never got through."""
         for attempt in range(PERSIST_ATTEMPTS):
             try:
-                await run_transaction(
-                    self._engine,
-                    functools.partial(
-                        service.finish_turn,
-                        turn=begun,
-                        content=text,
-                        status=status,
-                        token_count=token_count,
-                        usage=usage,
-                        finish_reason=finish,
-                        error=error,
-                        model_used=turn.model_used,
-                    ),
-                    single_statement=True,  # on PostgreSQL; a retry is safe (finish_turn)
-                    urgent=True,
-                )
+                await run_transaction(self._engine, work, single_statement=True, urgent=True)
                 return True
             except Exception as exc:
                 if not is_transient_db_error(exc) or attempt == PERSIST_ATTEMPTS - 1:
-                    logger.error("could not store reply %s: %s", turn.ids, type(exc).__name__)
+                    logger.error("could not %s: %s", what, type(exc).__name__)
                     return False
                 await asyncio.sleep(min(PERSIST_BACKOFF * 2**attempt, PERSIST_BACKOFF_CAP))
         return False  # pragma: no cover - the loop always returns

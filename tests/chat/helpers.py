@@ -1,4 +1,4 @@
-"""Small helpers for chat tests: sending messages and reading SSE streams."""
+"""Small helpers for chat tests: sending messages, reading SSE streams, waiting for locks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.testing.fake_llm import FakeLLM
 
@@ -78,3 +80,17 @@ async def messages(client: httpx.AsyncClient, conversation_id: str) -> list[dict
         if not page["has_more"]:
             return data
         params["after"] = page["next_cursor"]
+
+
+async def lock_waiters(engine: AsyncEngine, count: int) -> None:
+    """Until `count` sessions of this database wait for a row lock."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    async with asyncio.timeout(5):
+        while True:
+            async with engine.connect() as connection:
+                if await connection.scalar(query) >= count:
+                    return
+            await asyncio.sleep(0.02)

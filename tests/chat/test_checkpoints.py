@@ -26,8 +26,7 @@ from chatbot_api.errors import is_transient_db_error
 from chatbot_api.memory import release_freed_memory
 from chatbot_api.sql import Tx, run_transaction
 from chatbot_api.testing.fake_llm import FakeLLM, Script
-from tests.chat.helpers import send
-from tests.chat.test_starts import lock_waiters
+from tests.chat.helpers import lock_waiters, send
 from tests.conftest import client_for, create_conversation
 
 # Renewed every third of it: a stall of up to two thirds (0.67 s) on a loaded machine is fine.

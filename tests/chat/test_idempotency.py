@@ -15,8 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.conversations.models import IdempotencyKey
 from chatbot_api.testing.fake_llm import FakeLLM, Script
-from tests.chat.helpers import messages, parse_sse, send, upstream_called
-from tests.chat.test_starts import lock_waiters
+from tests.chat.helpers import lock_waiters, messages, parse_sse, send, upstream_called
 from tests.conftest import client_for, create_conversation
 
 

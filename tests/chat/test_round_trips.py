@@ -30,6 +30,14 @@ def record_statements(engine: Any) -> list[str]:
     return sent
 
 
+async def quiet_app(app_factory: Callable[..., Any], **overrides: Any) -> Any:
+    """An app whose turns send nothing but their own statements: keys off (their lookup is
+    one statement more) and no checkpoint during a turn."""
+    return await app_factory(
+        auth={"mode": "disabled"}, reliability={"stream_checkpoint_interval": 60}, **overrides
+    )
+
+
 def kinds(sent: list[str]) -> list[str]:
     return [" ".join(statement.rstrip(";").split()[:2]) for statement in sent]
 
@@ -39,10 +47,7 @@ def kinds(sent: list[str]) -> list[str]:
 async def test_a_turn_is_two_statements_on_postgresql(
     app_factory: Callable[..., Any], fake_llm: FakeLLM, system_prompt: str | None
 ) -> None:
-    # Keys off (their lookup is one statement more) and no checkpoint during the turn.
-    app = await app_factory(
-        auth={"mode": "disabled"}, reliability={"stream_checkpoint_interval": 60}
-    )
+    app = await quiet_app(app_factory)
     fake_llm.default = Script(reply="Hello, Felipe.")
     async with client_for(app) as client:
         conversation_id = await create_conversation(client, system_prompt=system_prompt)
@@ -64,11 +69,7 @@ async def test_a_prompt_not_known_to_fit_is_counted_in_a_transaction(
     app_factory: Callable[..., Any], fake_llm: FakeLLM
 ) -> None:
     # 100 bytes of prompt in a 300-token window: it fits, but its size alone does not say so.
-    app = await app_factory(
-        auth={"mode": "disabled"},
-        reliability={"stream_checkpoint_interval": 60},
-        llm={"context_window": 300, "max_tokens": 100},
-    )
+    app = await quiet_app(app_factory, llm={"context_window": 300, "max_tokens": 100})
     fake_llm.default = Script(reply="ok")
     async with client_for(app) as client:
         conversation_id = await create_conversation(client, system_prompt="Be brief. " * 10)
@@ -92,9 +93,7 @@ async def test_a_prompt_not_known_to_fit_is_counted_in_a_transaction(
 async def test_a_turn_with_a_new_idempotency_key_is_two_statements_and_a_retry_is_replayed(
     app_factory: Callable[..., Any], fake_llm: FakeLLM
 ) -> None:
-    app = await app_factory(
-        auth={"mode": "disabled"}, reliability={"stream_checkpoint_interval": 60}
-    )
+    app = await quiet_app(app_factory)
     fake_llm.default = Script(reply="ok")
 
     async def keyed(client: httpx.AsyncClient, conversation_id: str) -> httpx.Response:

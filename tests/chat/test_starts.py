@@ -16,22 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chatbot_api.conversations.models import Conversation
 from chatbot_api.testing.fake_llm import FakeLLM, Script
-from tests.chat.helpers import messages, send, upstream_called
+from tests.chat.helpers import lock_waiters, messages, send, upstream_called
 from tests.conftest import client_for, create_conversation
-
-
-async def lock_waiters(engine: AsyncEngine, count: int) -> None:
-    """Until `count` sessions of this database wait for a row lock."""
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-    )
-    async with asyncio.timeout(5):
-        while True:
-            async with engine.connect() as connection:
-                if await connection.scalar(query) >= count:
-                    return
-            await asyncio.sleep(0.02)
 
 
 async def lock_rows(blocker: AsyncConnection, conversations: list[str]) -> None:

@@ -12,11 +12,17 @@ from typing import Any
 from bench.results import LOADGEN_LIMIT, Results
 from bench.seed import Seeder, app_url
 from bench.servers import AppConfig, FakeConfig, LoadGen, Proc, Registry, start_app, start_fake
+from chatbot_api.config import DatabaseSettings
 
 DEFAULT_SYSTEM = (
     "You are a helpful, concise assistant. Always answer in the language the user writes in."
 )
 MESSAGE = "Can you explain how the context window limits what the model remembers?"
+# The app's own per-process pool (`DatabaseSettings`), for the scenarios that run it as deployed.
+DEFAULT_POOL: tuple[int, int] = (
+    DatabaseSettings.model_fields["pool_size"].default,
+    DatabaseSettings.model_fields["max_overflow"].default,
+)
 
 
 @dataclass

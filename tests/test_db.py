@@ -1,14 +1,16 @@
-"""Database plumbing: tz-aware timestamps on both backends, and the SQLite connection setup."""
+"""Database plumbing: tz-aware timestamps on both backends, the SQLite connection setup, and
+the PostgreSQL pool under sustained load."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -16,7 +18,7 @@ from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID
 from chatbot_api.config import DatabaseSettings
 from chatbot_api.conversations.models import Conversation, Message, MessageStatus
 from chatbot_api.db import create_engine, create_sessionmaker
-from tests.conftest import count_rows
+from tests.conftest import AppFactory, client_for, count_rows, create_conversation
 
 SANTIAGO = timezone(timedelta(hours=-3))
 
@@ -163,3 +165,54 @@ class TestSQLiteEngine:
             assert await count_rows(engine, "messages") == 0
         finally:
             await engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+class TestPostgresPool:
+    """Load above the pool's size waits for its connections; by default it does not open and
+    close PostgreSQL sessions (SQLAlchemy closes an overflow connection when it is checked in
+    to a full pool, so every burst past `pool_size` opened new ones)."""
+
+    ROUNDS = 3
+    CONCURRENT = 24  # sends at once, well over the default pool of 5
+
+    async def sessions_opened_after_warm_up(self, app_factory: AppFactory, **db: int) -> int:
+        """PostgreSQL sessions the app opened over ROUNDS rounds of CONCURRENT sends at once,
+        after a first round has warmed the pool up."""
+        app = await app_factory(db=db)
+        opened = 0
+
+        def count(*_: object) -> None:
+            nonlocal opened
+            opened += 1
+
+        event.listen(app.state.engine.sync_engine, "connect", count)
+        async with client_for(app) as http:
+            ids = [await create_conversation(http) for _ in range(self.CONCURRENT)]
+
+            async def round_of_sends() -> None:
+                sent = await asyncio.gather(
+                    *(
+                        http.post(f"/api/v1/conversations/{cid}/messages", json={"message": "hi"})
+                        for cid in ids
+                    )
+                )
+                assert [r.status_code for r in sent] == [200] * len(ids)
+
+            await round_of_sends()
+            warm = opened
+            for _ in range(self.ROUNDS):
+                await round_of_sends()
+        return opened - warm
+
+    async def test_the_default_pool_opens_no_sessions_under_sustained_load(
+        self, app_factory: AppFactory
+    ) -> None:
+        assert DatabaseSettings(_env_file=None).max_overflow == 0
+        assert await self.sessions_opened_after_warm_up(app_factory) == 0
+
+    async def test_an_overflow_opens_sessions_again_on_every_burst(
+        self, app_factory: AppFactory
+    ) -> None:
+        """What the default avoids, and proof that the count above sees new sessions."""
+        assert await self.sessions_opened_after_warm_up(app_factory, max_overflow=5) >= self.ROUNDS

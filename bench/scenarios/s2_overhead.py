@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import Bench, Job, direct, interleave, invalid, send
+from bench.common import DEFAULT_POOL, Bench, Job, direct, interleave, invalid, send
 from bench.results import Target, merge, pct_ms
 from bench.servers import FakeConfig
 
@@ -54,7 +54,7 @@ def rows(label: str, jobs: list[Job], group: str | None) -> list[dict[str, Any]]
 async def run(b: Bench) -> None:
     async with b.scope() as reg:
         fake = await b.fake(reg, "s2-fake", FakeConfig())
-        app = await b.app(reg, "s2-app", fake, workers=WORKERS, pool=(5, 5))
+        app = await b.app(reg, "s2-app", fake, workers=WORKERS, pool=DEFAULT_POOL)
         await b.warm(app, count=b.n(600, 200))
         rounds = b.n(2, 1)
         for rate, seconds in ((100, b.n(15, 3)), (500, b.n(8, 2))):

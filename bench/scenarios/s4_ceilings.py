@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import Bench, Job, create, send
+from bench.common import DEFAULT_POOL, Bench, Job, create, send
 from bench.results import LOADGEN_LIMIT, Target
 from bench.servers import FakeConfig
 
@@ -45,8 +45,8 @@ async def run(b: Bench) -> None:
     async with b.scope() as reg:
         fake = await b.fake(reg, "s4-fake", FakeConfig())
         fake200 = await b.fake(reg, "s4-fake-200", FakeConfig(tokens=200))
-        app = await b.app(reg, "s4-app", fake, workers=WORKERS, pool=(5, 5))
-        app200 = await b.app(reg, "s4-app-200", fake200, workers=WORKERS, pool=(5, 5))
+        app = await b.app(reg, "s4-app", fake, workers=WORKERS, pool=DEFAULT_POOL)
+        app200 = await b.app(reg, "s4-app-200", fake200, workers=WORKERS, pool=DEFAULT_POOL)
         await b.warm(app, count=b.n(1000, 300))
         await b.warm(app200, count=b.n(200, 50), stream=True)
 

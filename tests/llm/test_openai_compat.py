@@ -8,7 +8,7 @@ from contextlib import aclosing
 
 import pytest
 
-from chatbot_api.llm import errors
+from chatbot_api.llm import errors, openai_compat
 from chatbot_api.llm.base import (
     Finish,
     GenerationOptions,
@@ -86,6 +86,46 @@ class TestStreaming:
         await upstream.collect()
         await upstream.collect()
         assert upstream.fake.requests[0].client_port == upstream.fake.requests[1].client_port
+
+    async def test_a_body_that_ends_after_done_still_leaves_its_connection_for_reuse(
+        self, upstream: Upstream
+    ) -> None:
+        """A server that ends its body in a write of its own after [DONE] (most do): aiohttp
+        only reuses a connection whose body was read to the end."""
+        upstream.enqueue(Script(reply="a b", end_delay=0.05))
+        assert texts(await upstream.collect()) == ["a", " b"]
+        await asyncio.wait_for(upstream.fake.requests[0].finished.wait(), timeout=2.0)
+        await asyncio.sleep(0.1)  # the end reaches the client, which reads it
+        await upstream.collect()
+        assert upstream.fake.requests[0].client_port == upstream.fake.requests[1].client_port
+
+    async def test_the_reply_ends_at_done_without_waiting_for_the_body(
+        self, upstream: Upstream
+    ) -> None:
+        upstream.enqueue(Script(reply="a b", end_delay=30.0))
+        # Well within END_TIMEOUT (5 s): the iterator does not wait for the body to end.
+        events = await asyncio.wait_for(upstream.collect(), timeout=1.0)
+        assert events[-1] == Finish("stop")
+        assert not upstream.fake.requests[0].finished.is_set()  # its body is still open
+
+    async def test_a_body_that_does_not_end_in_time_costs_its_connection(
+        self, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(openai_compat, "END_TIMEOUT", 0.05)
+        upstream.enqueue(Script(reply="a b", end_delay=30.0))
+        await upstream.collect()
+        await asyncio.sleep(0.2)
+        await upstream.collect()
+        assert upstream.fake.requests[0].client_port != upstream.fake.requests[1].client_port
+
+    async def test_closing_the_provider_does_not_wait_for_a_body_to_end(
+        self, upstream: Upstream
+    ) -> None:
+        provider = await upstream.make()
+        upstream.enqueue(Script(reply="a b", end_delay=30.0))
+        await upstream.collect(provider)
+        await asyncio.wait_for(provider.aclose(), timeout=2.0)
+        assert not provider.is_ready()
 
     async def test_concurrent_streams_are_not_capped_by_the_pool(self, upstream: Upstream) -> None:
         upstream.fake.default = Script(reply="w " * 20, token_delay=0.005)

@@ -26,6 +26,13 @@ status decides the class: a 502 page from a gateway is `ProviderUnavailable`, wh
 retryable. A 2xx that is not `text/event-stream` is `ProviderBadResponse`. Foreign exceptions
 are mapped in one place, the `except` around the request and read loop. Closing the iterator
 early closes the HTTP response, so the upstream sees the disconnect and stops generating.
+
+A finished call hands its connection back to the pool for the next one, which then needs no
+new TCP (or TLS) handshake. aiohttp only reuses a connection whose body was read to the end,
+and a server usually ends its body (the last chunk of a chunked response) in a write of its
+own after `[DONE]`; so if that end has not arrived yet, a task reads it (`_hand_back`), and the
+iterator does not wait for it. A body that goes on past `[DONE]`, or does not end within
+`END_TIMEOUT`, costs its connection instead.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ KEYED_HOSTS = frozenset({"api.groq.com", "api.openai.com"})
 MESSAGE_OVERHEAD = 4
 MAX_DETAIL = 200
 MAX_ERROR_BODY = 64 * 1024
+# How long, and how much, a body is read after `[DONE]` for its connection to be reused.
+END_TIMEOUT = 5.0
+MAX_AFTER_DONE = 64 * 1024
 _KEY_LIKE = re.compile(r"\b(?:sk|gsk|xai|key)[-_][A-Za-z0-9_\-*.]{6,}")
 
 
@@ -212,6 +222,7 @@ class OpenAICompatProvider:
         self._extra_headers = dict(extra_headers or {})
         self._estimator = TokenEstimator()
         self._session: aiohttp.ClientSession | None = None
+        self._ending: set[asyncio.Task[None]] = set()  # bodies read to their end (_hand_back)
 
     def __repr__(self) -> str:
         return f"OpenAICompatProvider(name={self._name!r}, base_url={self._base_url!r})"
@@ -270,9 +281,21 @@ class OpenAICompatProvider:
         return self._api_key is not None or host not in KEYED_HOSTS
 
     async def aclose(self) -> None:
+        for task in self._ending:
+            task.cancel()
+        await asyncio.gather(*self._ending, return_exceptions=True)
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+    def _hand_back(self, response: aiohttp.ClientResponse) -> None:
+        """Release a finished call's connection to the pool, once its body has ended."""
+        if response.content.is_eof():
+            response.release()
+            return
+        task = asyncio.get_running_loop().create_task(_read_to_end(response))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def stream(
         self, messages: list[ChatMessage], options: GenerationOptions
@@ -359,12 +382,12 @@ class OpenAICompatProvider:
         finally:
             if deadline is not None:
                 deadline.cancel()
-            # Normal end: hand the connection back to the pool (aiohttp closes it anyway if the
-            # body was not read to the end). Anything else, including the consumer closing us
-            # early or being cancelled: close the socket so the upstream stops generating.
+            # Normal end: hand the connection back to the pool. Anything else, including the
+            # consumer closing us early or being cancelled: close the socket so the upstream
+            # stops generating.
             if response is not None:
                 if finished:
-                    response.release()
+                    self._hand_back(response)
                 else:
                     response.close()
         if usage is not None:
@@ -430,3 +453,21 @@ class OpenAICompatProvider:
             text = text.replace(self._api_key, "[redacted]")
         text = " ".join(_KEY_LIKE.sub("[redacted]", text).split())
         return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 1] + "…"
+
+
+async def _read_to_end(response: aiohttp.ClientResponse) -> None:
+    """Read what follows `[DONE]` until the body ends, then release the connection to the
+    pool; close it if the body goes on, fails or does not end in time (or on cancellation)."""
+    content = response.content
+    try:
+        async with asyncio.timeout(END_TIMEOUT):
+            left = MAX_AFTER_DONE
+            while left >= 0 and (chunk := await content.readany()):
+                left -= len(chunk)
+    except Exception:
+        pass  # a body that fails to end costs its connection, closed below, and nothing else
+    finally:
+        if content.is_eof():
+            response.release()
+        else:
+            response.close()

@@ -37,6 +37,8 @@ when the queue is empty. The defaults give a normal, fast reply. Fields:
                         "ping" (`: ping` every 0.1 s, forever), "error_chunk" (an in-band
                         `{"error": ...}` event: `error_chunk`, or a server_error), "malformed"
     headers_then_silence  send the 200 headers, then nothing at all
+    end_delay           (streams) wait this long after the last event before ending the body,
+                        so its end (the chunked body's last chunk) comes in a segment of its own
 
 Every request is recorded in `fake.requests` (`RecordedRequest`: method, path, headers, parsed
 JSON body, the client's port, `cancelled` if the client went away before the response was
@@ -100,6 +102,7 @@ class Script:
     headers_then_silence: bool = False
     prompt_tokens: int | None = None
     error_chunk: str | None = None
+    end_delay: float = 0.0
 
     def pieces(self) -> tuple[str, ...]:
         return self.deltas if self.deltas is not None else split_words(self.reply)
@@ -344,6 +347,9 @@ class FakeLLM:
                 await response.write(b"data: " + data.encode() + b"\n\n")
             elif then == "malformed":
                 await response.write(_MALFORMED)
+            if script.end_delay:
+                with contextlib.suppress(TimeoutError):  # or until the server stops
+                    await asyncio.wait_for(self._stopping.wait(), script.end_delay)
             await response.write_eof()
         except ConnectionError:
             record.cancelled = True

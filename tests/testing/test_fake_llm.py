@@ -364,6 +364,13 @@ class TestConcurrency:
         assert {content(raw) for _, _, raw in results} == {"tok " * 20}
         assert len(wire.fake.requests) == 300
 
+    async def test_a_fake_that_records_nothing_keeps_no_request(self) -> None:
+        async with FakeLLM(record=False) as fake, aiohttp.ClientSession() as http:
+            for _ in range(3):
+                async with http.post(f"{fake.base_url}/chat/completions", json=BODY) as response:
+                    assert content(await response.text()) == DEFAULT_REPLY
+        assert fake.requests == []
+
 
 class TestCommandLine:
     def test_arguments_make_the_default_script(self) -> None:

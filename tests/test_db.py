@@ -1,5 +1,5 @@
 """Database plumbing: tz-aware timestamps on both backends, the SQLite connection setup, and
-the PostgreSQL pool under sustained load."""
+the pool under sustained load."""
 
 from __future__ import annotations
 
@@ -167,18 +167,18 @@ class TestSQLiteEngine:
             await engine.dispose()
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-class TestPostgresPool:
+class TestPool:
     """Load above the pool's size waits for its connections; by default it does not open and
-    close PostgreSQL sessions (SQLAlchemy closes an overflow connection when it is checked in
-    to a full pool, so every burst past `pool_size` opened new ones)."""
+    close connections (SQLAlchemy closes an overflow connection when it is checked in to a
+    full pool, so every burst past `pool_size` opened new ones: PostgreSQL sessions, or
+    SQLite connections with a thread each)."""
 
     ROUNDS = 3
     CONCURRENT = 24  # sends at once, well over the default pool of 5
 
     async def sessions_opened_after_warm_up(self, app_factory: AppFactory, **db: int) -> int:
-        """PostgreSQL sessions the app opened over ROUNDS rounds of CONCURRENT sends at once,
-        after a first round has warmed the pool up."""
+        """Database connections the app opened over ROUNDS rounds of CONCURRENT sends at
+        once, after a first round has warmed the pool up."""
         app = await app_factory(db=db)
         opened = 0
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel
-from sqlalchemy import JSON, DateTime, MetaData, event
+from sqlalchemy import JSON, DateTime, MetaData, event, make_url
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DisconnectionError
@@ -88,13 +88,27 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     connections is kept for storing replies (`pool.KeepOneForUrgentWork`).
 
     On SQLite, WAL lets readers run beside the single writer, and `busy_timeout` makes a
-    writer wait for the lock instead of failing at once.
+    writer wait for the lock instead of failing at once. A database file gets the pool's
+    size, overflow and timeout too: SQLAlchemy's default there would open up to 10 overflow
+    connections, each closed on check-in, and each a thread of its own (aiosqlite) with four
+    PRAGMAs. (An in-memory database keeps SQLAlchemy's one shared connection.)
     """
     if settings.is_sqlite:
+        in_memory = make_url(settings.url).database in (None, "", ":memory:")
+        pool: dict[str, Any] = (
+            {}
+            if in_memory
+            else {
+                "pool_size": settings.pool_size,
+                "max_overflow": settings.max_overflow,
+                "pool_timeout": settings.pool_timeout,
+            }
+        )
         engine = create_async_engine(
             settings.url,
             echo=settings.echo,
             connect_args={"timeout": settings.connect_timeout},
+            **pool,
         )
 
         @event.listens_for(engine.sync_engine, "connect")

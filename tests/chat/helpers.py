@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID
+from chatbot_api.chat import service
+from chatbot_api.conversations.models import Conversation, MessageStatus
+from chatbot_api.sql import Tx, run_transaction
 from chatbot_api.testing.fake_llm import FakeLLM
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,3 +103,52 @@ async def lock_waiters(engine: AsyncEngine, count: int) -> None:
                 if await connection.scalar(query) >= count:
                     return
             await asyncio.sleep(0.02)
+
+
+async def begin_a_turn(
+    engine: AsyncEngine,
+    *,
+    durable: bool = True,
+    then: Callable[[Tx], Awaitable[T]] | None = None,
+) -> service.BegunTurn:
+    """A turn started in a new conversation, straight through the service (`durable` as
+    `begin_turn`'s). `then` runs in the start's transaction, after it."""
+    async with engine.begin() as connection:
+        conversation_id = uuid.uuid4()
+        await connection.execute(
+            insert(Conversation).values(id=conversation_id, owner_id=LOCAL_PRINCIPAL_ID, next_seq=1)
+        )
+    budget = service.TokenBudget(4096, 512, 4, lambda text: len(text) // 4 + 1, 1.0)
+
+    async def start(tx: Tx) -> service.BegunTurn:
+        begun = await service.begin_turn(
+            tx,
+            conversation_id=conversation_id,
+            owner_id=LOCAL_PRINCIPAL_ID,
+            text="hello",
+            text_tokens=2,
+            budget=budget,
+            default_system_prompt="Be brief.",
+            model_used="m",
+            lease=timedelta(seconds=60),
+            durable=durable,
+        )
+        if then is not None:
+            await then(tx)
+        return begun
+
+    return await run_transaction(engine, start)
+
+
+async def finish(tx: Tx, *, turn: service.BegunTurn) -> bool:
+    return await service.finish_turn(
+        tx,
+        turn=turn,
+        content="Hi.",
+        status=MessageStatus.COMPLETED,
+        token_count=1,
+        usage=None,
+        finish_reason="stop",
+        error=None,
+        model_used="m",
+    )

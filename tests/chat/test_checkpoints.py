@@ -13,20 +13,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatbot_api.auth.models import LOCAL_PRINCIPAL_ID
 from chatbot_api.chat import checkpoints, service, statements
 from chatbot_api.chat.outcomes import TurnIds
 from chatbot_api.chat.turn import Turn
-from chatbot_api.conversations.models import Conversation, Message, MessageStatus
+from chatbot_api.conversations.models import Conversation, Message
 from chatbot_api.errors import is_transient_db_error
 from chatbot_api.memory import release_freed_memory
 from chatbot_api.sql import Tx, run_transaction
 from chatbot_api.testing.fake_llm import FakeLLM, Script
-from tests.chat.helpers import lock_waiters, send
+from tests.chat.helpers import begin_a_turn, finish, lock_waiters, send
 from tests.conftest import client_for, create_conversation
 
 # Renewed every third of it: a stall of up to two thirds (0.67 s) on a loaded machine is fine.
@@ -45,45 +44,6 @@ async def claim_and_partial(engine: AsyncEngine, conversation: str) -> tuple[Any
             )
         )
     return busy_until, partial or ""
-
-
-async def begin_a_turn(engine: AsyncEngine) -> service.BegunTurn:
-    """A turn started in a new conversation, straight through the service."""
-    async with engine.begin() as connection:
-        conversation_id = uuid.uuid4()
-        await connection.execute(
-            insert(Conversation).values(id=conversation_id, owner_id=LOCAL_PRINCIPAL_ID, next_seq=1)
-        )
-    budget = service.TokenBudget(4096, 512, 4, lambda text: len(text) // 4 + 1, 1.0)
-    begun: service.BegunTurn = await run_transaction(
-        engine,
-        lambda tx: service.begin_turn(
-            tx,
-            conversation_id=conversation_id,
-            owner_id=LOCAL_PRINCIPAL_ID,
-            text="hello",
-            text_tokens=2,
-            budget=budget,
-            default_system_prompt="Be brief.",
-            model_used="m",
-            lease=timedelta(seconds=60),
-        ),
-    )
-    return begun
-
-
-async def finish(tx: Tx, *, turn: service.BegunTurn) -> None:
-    await service.finish_turn(
-        tx,
-        turn=turn,
-        content="Hi.",
-        status=MessageStatus.COMPLETED,
-        token_count=1,
-        usage=None,
-        finish_reason="stop",
-        error=None,
-        model_used="m",
-    )
 
 
 class TestCheckpointer:

@@ -118,6 +118,9 @@ async def send_message(
             max_tokens=max_tokens,
             idempotency=idempotency,
             attach_if_running=stream,
+            # Told nothing before its reply is stored, a plain request's start need not wait
+            # for the disk; a stream's `created` event names the stored message at once.
+            durable_start=stream,
         )
     )
     if stream:

@@ -115,6 +115,7 @@ async def begin_turn(
     standalone: bool = False,
     remember: Remember | None = None,
     message_ids: tuple[uuid.UUID, uuid.UUID] | None = None,
+    durable: bool = True,
 ) -> BegunTurn:
     """Claim the conversation and store the user message and the reply placeholder.
 
@@ -137,6 +138,15 @@ async def begin_turn(
 
     `message_ids` are the ids to give the user message and the reply, chosen by the caller
     so that it can take back a start whose outcome it does not know (`undo_start`).
+
+    `durable=False` is for a start that nobody is told of before the reply is stored (a turn
+    that is not streamed): on PostgreSQL its commit then does not wait for the WAL to reach
+    the disk (`synchronous_commit` off for that transaction), about a third of a millisecond
+    here. The reply's commit waits for the WAL up to its own record, so once the reply is
+    stored the start is on disk too. Only a database crash in between (within about
+    `wal_writer_delay`, 200 ms by default, of the start) can lose the start, and then
+    `finish_turn` finds no reply and the turn fails with `ReplyNotStored`: the client, told
+    nothing yet, retries. A crash of this process loses nothing (the server still has it).
     """
     if remember is not None and not (standalone and tx.combines_writes):
         raise NeedsTransaction()
@@ -183,6 +193,7 @@ async def begin_turn(
             "p_text_tokens": text_tokens,
             "p_reply_id": assistant_id,
             "p_model": model_used,
+            "p_commit": None if durable else "off",
         },
         now=now,
         standalone=standalone,
@@ -285,7 +296,8 @@ async def _claim(
             statement = statements.BEGIN_KEYED_TURN if keyed else statements.BEGIN_TURN
             rows = await tx.all(statement, params)
             if rows:
-                page = [row[2:] for row in rows if row[2] is not None]
+                # The last column is `synchronous_commit`'s setting (`BEGIN_TURN`).
+                page = [row[2:6] for row in rows if row[2] is not None]
                 return rows[0][0], rows[0][1], page
             if keyed:
                 # The key may be held already: the transaction replays that request, and
@@ -370,12 +382,17 @@ async def finish_turn(
     finish_reason: str | None,
     error: dict[str, Any] | None,
     model_used: str,
-) -> None:
+) -> bool:
     """Store the reply and release the conversation, unless a later turn took it over after
     our claim expired (then its `next_seq` has moved on and the release is a no-op).
 
+    False if the reply's row is gone: its conversation was deleted meanwhile, or the database
+    lost the turn's start (a crash before a start committed without waiting for the disk
+    reached it; see `begin_turn`'s `durable`).
+
     One statement where the backend allows it (`Tx.combines_writes`), so the caller runs it
-    as `single_statement`. Running it again changes nothing: a retry is always safe."""
+    as `single_statement`; the rare follow-up read needs no snapshot shared with it. Running
+    it again changes nothing: a retry is always safe."""
     params = {
         "p_id": turn.assistant_message_id,
         "p_content": content,
@@ -396,10 +413,18 @@ async def finish_turn(
         "p_claim": turn.claim_seq,
     }
     if tx.combines_writes:
-        await tx.run(statements.FINISH_AND_RELEASE, params)
-    else:
-        await tx.run(statements.FINISH, params)
-        await tx.run(statements.RELEASE, params)
+        released = await tx.first(statements.FINISH_AND_RELEASE, params)
+        if released is not None:
+            return bool(released[0])
+        # The claim was no longer ours, so the reply's UPDATE ran after the statement's own.
+        return await tx.first(statements.REPLY_EXISTS, params) is not None
+    stored = await tx.first(statements.FINISH, params)
+    await tx.run(statements.RELEASE, params)
+    return stored is not None
+
+
+async def conversation_exists(tx: Tx, conversation_id: uuid.UUID) -> bool:
+    return await tx.first(statements.CONVERSATION_EXISTS, {"p_id": conversation_id}) is not None
 
 
 async def store_partials(tx: Tx, partials: Sequence[tuple[uuid.UUID, str]]) -> None:

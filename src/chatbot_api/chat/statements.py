@@ -10,6 +10,7 @@ from sqlalchemy import (
     Boolean,
     Integer,
     Table,
+    Text,
     and_,
     bindparam,
     delete,
@@ -117,6 +118,12 @@ def _constant(value: Any, column: str) -> BindParameter[Any]:
 # `Provider.max_tokens_per_byte`). Inside a transaction, which a prompt too long can still
 # roll back, both let every prompt by.
 #
+# Its last column sets `synchronous_commit` for the statement's own transaction (`set_config`
+# with is_local, in effect when it commits): `p_commit` 'off' where nothing of the start is
+# acknowledged before the reply is stored (a turn that is not streamed), whose commit then
+# does not wait for the WAL to reach the disk; NULL keeps the session's setting. The reply's
+# commit waits for the WAL up to itself, the start's records included (`begin_turn`).
+#
 # With an Idempotency-Key, BEGIN_KEYED_TURN also stores the key with the turn it starts, and
 # claims nothing while any row holds that key (live or expired: the caller then starts the
 # turn in a transaction, which replays, refuses or forgets it). Two requests racing with one
@@ -196,6 +203,13 @@ def _begin_turn(*, keyed: bool) -> Select[Any]:
         .limit(bindparam("p_limit"))
         .lateral("recent")
     )
+    commit_mode = func.set_config(
+        "synchronous_commit",
+        func.coalesce(
+            bindparam("p_commit", type_=Text), func.current_setting("synchronous_commit")
+        ),
+        True,
+    )
     statement = (
         select(
             claimed.c.next_seq,
@@ -204,6 +218,7 @@ def _begin_turn(*, keyed: bool) -> Select[Any]:
             recent.c.role,
             recent.c.content,
             recent.c.token_count,
+            commit_mode.label("synchronous_commit"),
         )
         .select_from(claimed.outerjoin(recent, true()))
         .order_by(recent.c.seq.desc().nulls_last())
@@ -291,11 +306,20 @@ _release = (
     .where(_c.id == bindparam("p_conversation"), _c.next_seq == bindparam("p_claim"))
     .values(busy_until=None, updated_at=bindparam("p_now"))
 )
-FINISH = Prepared(_finish)
+# The reply's id, or no row if it is gone (`service.finish_turn`).
+FINISH = Prepared(_finish.returning(_m.id))
 RELEASE = Prepared(_release)
 # Both in one statement where the backend takes writes in a WITH (PostgreSQL): one round trip
-# and no BEGIN or COMMIT, atomic all the same (`sql.Tx.combines_writes`).
-FINISH_AND_RELEASE = Prepared(_release.add_cte(_finish.cte("finished")))
+# and no BEGIN or COMMIT, atomic all the same (`sql.Tx.combines_writes`). The conversation is
+# updated first and the reply after it, when RETURNING counts the replies stored (1, or 0 if
+# the reply is gone); no row where the claim is no longer this turn's (then the WITH runs
+# after the main statement, and `service.finish_turn` looks the reply up).
+_finished = _finish.returning(_m.id).cte("finished")
+FINISH_AND_RELEASE = Prepared(
+    _release.returning(select(func.count()).select_from(_finished).scalar_subquery())
+)
+REPLY_EXISTS = Prepared(select(_m.id).where(_m.id == bindparam("p_id")))
+CONVERSATION_EXISTS = Prepared(select(_c.id).where(_c.id == bindparam("p_id")))
 STORE_PARTIAL = Prepared(
     update(messages_t)
     .where(_m.id == bindparam("p_id"), _m.status == MessageStatus.STREAMING)

@@ -125,11 +125,16 @@ class TurnManager:
         max_tokens: int | None = None,
         idempotency: service.IdempotentRequest | None = None,
         attach_if_running: bool = True,
+        durable_start: bool = True,
     ) -> Turn:
         """Begin a turn. A retry of a request already seen with the same `idempotency` key is
         answered from the first one instead of calling the provider again. `owner_id` must
         own the conversation (404 otherwise); `model` and `max_tokens` were already checked
-        against the allowlist and the cap (`limits.service`)."""
+        against the allowlist and the cap (`limits.service`).
+
+        `durable_start=False` where the client is told nothing before the reply is stored
+        (no stream): the start then commits without waiting for the disk
+        (`service.begin_turn`'s `durable`)."""
         limit = self._settings.limits.max_message_chars
         if len(text) > limit:
             raise MessageTooLong(f"The message is over the limit of {limit} characters.")
@@ -156,6 +161,7 @@ class TurnManager:
             default_system_prompt=self._settings.default_system_prompt,
             model_used=model_used,
             lease=self._lease,
+            durable=durable_start,
         )
 
         ttl = timedelta(seconds=self._settings.reliability.idempotency_ttl_seconds)
@@ -395,15 +401,12 @@ class TurnManager:
             # A cancelled stream never reaches the provider's usage chunk: count it ourselves.
             prompt = turn.begun.prompt_tokens
             usage = Usage(prompt, completion_tokens, prompt + completion_tokens)
-        stored = await self._persist(
+        not_stored = await self._persist(
             turn, text, status, completion_tokens, usage, finish, stored_error(app_error)
         )
-        if not stored:
+        if not_stored is not None:
             # The reply could not be stored: say so rather than report a success we lost.
-            status, app_error = (
-                MessageStatus.FAILED,
-                ReplyNotStored("The reply could not be stored; the database is unavailable."),
-            )
+            status, app_error = MessageStatus.FAILED, not_stored
         turn.error = app_error
         turn.usage = usage
         self._turns.pop(turn.ids.assistant_message_id, None)
@@ -430,22 +433,40 @@ class TurnManager:
         usage: Usage | None,
         finish: str | None,
         error: dict[str, object] | None,
-    ) -> bool:
+    ) -> ReplyNotStored | None:
+        """Store the reply: None once it is, else the error to report."""
         begun = turn.begun
         assert begun is not None
-        store = functools.partial(
-            service.finish_turn,
-            turn=begun,
-            content=text,
-            status=status,
-            token_count=token_count,
-            usage=usage,
-            finish_reason=finish,
-            error=error,
-            model_used=turn.model_used,
-        )
+        found = True
+
+        async def store(tx: Tx) -> None:
+            nonlocal found
+            found = await service.finish_turn(
+                tx,
+                turn=begun,
+                content=text,
+                status=status,
+                token_count=token_count,
+                usage=usage,
+                finish_reason=finish,
+                error=error,
+                model_used=turn.model_used,
+            )
+            if not found:
+                # Deleted with its conversation (nothing to store it in, as the client
+                # asked), or lost with a start the database did not keep.
+                found = not await service.conversation_exists(tx, begun.conversation_id)
+
         # On PostgreSQL one statement, so a retry is safe (`finish_turn`).
-        return await self._retried(store, f"store reply {turn.ids}")
+        if not await self._retried(store, f"store reply {turn.ids}"):
+            return ReplyNotStored("The reply could not be stored; the database is unavailable.")
+        if found:
+            return None
+        logger.error("the start of turn %s is gone: its reply cannot be stored", turn.ids)
+        return ReplyNotStored(
+            "The reply could not be stored: the database lost this turn's start (it restarted "
+            "during the turn). Send the message again."
+        )
 
     async def _retried(self, work: Callable[[Tx], Awaitable[None]], what: str) -> bool:
         """`work`, one statement on PostgreSQL that is safe to run again, retried while the

@@ -187,6 +187,38 @@ class TestLockOrder:
         _, partial = await claim_and_partial(engine, str(begun.conversation_id))
         assert partial == "partial text"
 
+    async def test_a_finishing_turn_waiting_for_its_conversation_holds_no_reply(
+        self, engine: AsyncEngine
+    ) -> None:
+        # The order the checkpoint's is matched to; RETURNING, which counts the stored
+        # replies, runs the reply's UPDATE only once the conversation's row is updated.
+        begun = await begin_a_turn(engine)
+        async with engine.connect() as holder:
+            await holder.execute(
+                select(Conversation.id)
+                .where(Conversation.id == begun.conversation_id)
+                .with_for_update()
+            )
+            finishing = asyncio.create_task(
+                run_transaction(
+                    engine,
+                    functools.partial(finish, turn=begun),
+                    single_statement=True,
+                    urgent=True,
+                )
+            )
+            await lock_waiters(engine, 1)
+            async with engine.connect() as probe:
+                locked = await probe.scalar(
+                    select(Message.id)
+                    .where(Message.id == begun.assistant_message_id)
+                    .with_for_update(nowait=True)
+                )
+                await probe.rollback()
+            await holder.rollback()
+        assert locked == begun.assistant_message_id
+        assert await finishing is True
+
     async def test_a_deadlock_is_a_transient_error_worth_a_retry(self, engine: AsyncEngine) -> None:
         first, second = await begin_a_turn(engine), await begin_a_turn(engine)
         both_locked = asyncio.Barrier(2)

@@ -260,21 +260,25 @@ async def busy_until(engine: AsyncEngine, conversation_id: str | uuid.UUID) -> d
 # --- the PostgreSQL cluster -------------------------------------------------------------
 
 
-def postgres_ctl(action: str) -> list[str]:
-    """The command that does `action` (start, stop, restart, status) to the test cluster."""
+def postgres_ctl(action: str, mode: str | None = None) -> list[str]:
+    """The command that does `action` (start, stop, restart, status) to the test cluster.
+    `mode` is the shutdown mode of a stop or restart (pg_ctl's `-m`): "fast" by default, a
+    clean shutdown that writes out every commit; "immediate" is a crash (what the WAL had
+    not written yet is lost, and the next start runs crash recovery)."""
     custom = os.environ.get("TEST_POSTGRES_CTL")
     if custom:
-        return [*shlex.split(custom), action]
+        return [*shlex.split(custom), action, *(("-m", mode) if mode else ())]
     etc = Path("/etc/postgresql")
     versions = sorted(p.name for p in etc.iterdir()) if etc.is_dir() else []
     if not versions:
         pytest.fail("no local PostgreSQL cluster to control: set TEST_POSTGRES_CTL")
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", action]
+    options = ("-m", mode) if mode else ()
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", *options, versions[-1], "main", action]
 
 
-async def run_postgres_ctl(action: str, within: float = 60.0) -> int:
+async def run_postgres_ctl(action: str, within: float = 60.0, mode: str | None = None) -> int:
     process = await asyncio.create_subprocess_exec(
-        *postgres_ctl(action),
+        *postgres_ctl(action, mode),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -283,7 +287,7 @@ async def run_postgres_ctl(action: str, within: float = 60.0) -> int:
     except TimeoutError:
         process.kill()
         await process.wait()
-        command = shlex.join(postgres_ctl(action))
+        command = shlex.join(postgres_ctl(action, mode))
         raise AssertionError(f"`{command}` took over {within} s") from None
 
 

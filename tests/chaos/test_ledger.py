@@ -139,6 +139,7 @@ async def run_ledger(
     clients: int,
     seconds: float,
     restarts: int,
+    mode: str | None = None,
 ) -> None:
     processes = await asyncio.gather(
         *(servers.start(postgres_url, env=SERVER_ENV) for _ in range(2))
@@ -161,7 +162,7 @@ async def run_ledger(
                 # Spread the restarts over the run, with traffic before and after each.
                 at = start + seconds * (k + 1) / (restarts + 1.5)
                 await asyncio.sleep(max(0.0, at - loop.time()))
-                assert await run_postgres_ctl("restart") == 0
+                assert await run_postgres_ctl("restart", mode=mode) == 0
                 ledger.restarts_done += 1
             async with asyncio.timeout(seconds + 120):
                 await asyncio.gather(*load)
@@ -228,6 +229,22 @@ class TestRestartUnderLoad:
     ) -> None:
         fake_llm.default = REPLY
         await run_ledger(servers, engine, postgres_url, clients=16, seconds=40, restarts=2)
+
+    @pytest.mark.chaos
+    async def test_no_acknowledged_message_is_lost_over_database_crashes(
+        self,
+        engine: AsyncEngine,
+        servers: ServerPool,
+        fake_llm: FakeLLM,
+        postgres_url: str,
+    ) -> None:
+        # Immediate shutdowns: what the WAL had not written is lost, the starts of plain
+        # turns among it (they commit without waiting for it). Such a turn must end in a
+        # 503, never in an acknowledgement of a message the database does not have.
+        fake_llm.default = REPLY
+        await run_ledger(
+            servers, engine, postgres_url, clients=16, seconds=40, restarts=3, mode="immediate"
+        )
 
 
 class TestOutageLongerThanTheStoreRetries:

@@ -110,14 +110,18 @@ async def begin_a_turn(
     *,
     durable: bool = True,
     then: Callable[[Tx], Awaitable[T]] | None = None,
+    conversation_id: uuid.UUID | None = None,
 ) -> service.BegunTurn:
-    """A turn started in a new conversation, straight through the service (`durable` as
-    `begin_turn`'s). `then` runs in the start's transaction, after it."""
-    async with engine.begin() as connection:
+    """A turn started straight through the service, in a new conversation unless given one
+    (`durable` as `begin_turn`'s). `then` runs in the start's transaction, after it."""
+    if conversation_id is None:
         conversation_id = uuid.uuid4()
-        await connection.execute(
-            insert(Conversation).values(id=conversation_id, owner_id=LOCAL_PRINCIPAL_ID, next_seq=1)
-        )
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(Conversation).values(
+                    id=conversation_id, owner_id=LOCAL_PRINCIPAL_ID, next_seq=1
+                )
+            )
     budget = service.TokenBudget(4096, 512, 4, lambda text: len(text) // 4 + 1, 1.0)
 
     async def start(tx: Tx) -> service.BegunTurn:

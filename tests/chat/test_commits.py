@@ -202,3 +202,22 @@ async def test_finishing_tells_a_reply_stored_from_one_whose_row_is_gone(
     # Still ours and rows there: stored.
     kept = await begin_a_turn(engine)
     assert await run_transaction(engine, functools.partial(finish, turn=kept)) is True
+
+
+async def test_a_lost_start_does_not_release_the_claim_of_a_later_turn(
+    engine: AsyncEngine,
+) -> None:
+    # After the crash the conversation is free again, and a later turn claims it with the
+    # same sequence numbers before the lost turn's reply comes.
+    lost = await begin_a_turn(engine)
+    await lose_start(engine, lost.conversation_id)
+    later = await begin_a_turn(engine, conversation_id=lost.conversation_id)
+    assert later.claim_seq == lost.claim_seq
+
+    assert await run_transaction(engine, functools.partial(finish, turn=lost)) is False
+    async with engine.connect() as connection:
+        busy_until = await connection.scalar(
+            select(Conversation.busy_until).where(Conversation.id == lost.conversation_id)
+        )
+    assert busy_until is not None  # still the later turn's
+    assert await run_transaction(engine, functools.partial(finish, turn=later)) is True

@@ -418,9 +418,10 @@ async def finish_turn(
             return bool(released[0])
         # The claim was no longer ours, so the reply's UPDATE ran after the statement's own.
         return await tx.first(statements.REPLY_EXISTS, params) is not None
-    stored = await tx.first(statements.FINISH, params)
+    if await tx.first(statements.FINISH, params) is None:
+        return False  # and the claim, if there is one, is not this turn's to release
     await tx.run(statements.RELEASE, params)
-    return stored is not None
+    return True
 
 
 async def conversation_exists(tx: Tx, conversation_id: uuid.UUID) -> bool:

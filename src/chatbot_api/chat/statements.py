@@ -314,9 +314,14 @@ RELEASE = Prepared(_release)
 # updated first and the reply after it, when RETURNING counts the replies stored (1, or 0 if
 # the reply is gone); no row where the claim is no longer this turn's (then the WITH runs
 # after the main statement, and `service.finish_turn` looks the reply up).
+# The release also asks that the reply's row be there (a plain read, which locks nothing): a
+# turn whose start the database lost (`service.begin_turn`'s `durable`) must not release the
+# claim of a later turn that took the same sequence numbers.
 _finished = _finish.returning(_m.id).cte("finished")
 FINISH_AND_RELEASE = Prepared(
-    _release.returning(select(func.count()).select_from(_finished).scalar_subquery())
+    _release.where(select(_m.id).where(_m.id == bindparam("p_id")).exists()).returning(
+        select(func.count()).select_from(_finished).scalar_subquery()
+    )
 )
 REPLY_EXISTS = Prepared(select(_m.id).where(_m.id == bindparam("p_id")))
 CONVERSATION_EXISTS = Prepared(select(_c.id).where(_c.id == bindparam("p_id")))

@@ -73,9 +73,9 @@ bench-soak: $(BENCH_STAMP)  ## 10-minute memory soak of one worker
 bench-peers: $(BENCH_STAMP)  ## LiteLLM proxy beside the app, against the same fake LLM
 	$(BIN)/python -m bench.peers $(BENCH_ARGS)
 
-# Fault injection at length (tests/chaos): PostgreSQL restarted and stopped under load (it
+# Fault injection at length (tests/chaos): PostgreSQL restarted, crashed and stopped under load (it
 # controls the local cluster, see tests/chaos/__init__.py) and 1,000 concurrent sends to one
 # conversation. `make test` runs the short variants of the same tests.
 .PHONY: chaos
-chaos: $(STAMP)  ## the long chaos tests (~3 min; restarts and stops local PostgreSQL)
+chaos: $(STAMP)  ## the long chaos tests (~3.5 min; restarts, crashes and stops local PostgreSQL)
 	$(BIN)/pytest -m chaos -p no:cacheprovider tests/chaos

@@ -143,10 +143,11 @@ async def begin_turn(
     that is not streamed): on PostgreSQL its commit then does not wait for the WAL to reach
     the disk (`synchronous_commit` off for that transaction), about a third of a millisecond
     here. The reply's commit waits for the WAL up to its own record, so once the reply is
-    stored the start is on disk too. Only a database crash in between (within about
-    `wal_writer_delay`, 200 ms by default, of the start) can lose the start, and then
-    `finish_turn` finds no reply and the turn fails with `ReplyNotStored`: the client, told
-    nothing yet, retries. A crash of this process loses nothing (the server still has it).
+    stored the start is on disk too. Only a database crash before the start's WAL is written
+    out (by the next commit that waits for the disk, or by the WAL writer within three
+    `wal_writer_delay`s, 600 ms by default) can lose it, and then `finish_turn` finds no reply
+    and the turn fails with `ReplyNotStored`: the client, told nothing yet, retries. A crash
+    of this process loses nothing (the database server still has it).
     """
     if remember is not None and not (standalone and tx.combines_writes):
         raise NeedsTransaction()
@@ -416,7 +417,7 @@ async def finish_turn(
         released = await tx.first(statements.FINISH_AND_RELEASE, params)
         if released is not None:
             return bool(released[0])
-        # The claim was no longer ours, so the reply's UPDATE ran after the statement's own.
+        # No claim of ours, or no reply: the reply's UPDATE ran after the statement's own.
         return await tx.first(statements.REPLY_EXISTS, params) is not None
     if await tx.first(statements.FINISH, params) is None:
         return False  # and the claim, if there is one, is not this turn's to release

@@ -311,12 +311,12 @@ FINISH = Prepared(_finish.returning(_m.id))
 RELEASE = Prepared(_release)
 # Both in one statement where the backend takes writes in a WITH (PostgreSQL): one round trip
 # and no BEGIN or COMMIT, atomic all the same (`sql.Tx.combines_writes`). The conversation is
-# updated first and the reply after it, when RETURNING counts the replies stored (1, or 0 if
-# the reply is gone); no row where the claim is no longer this turn's (then the WITH runs
-# after the main statement, and `service.finish_turn` looks the reply up).
-# The release also asks that the reply's row be there (a plain read, which locks nothing): a
-# turn whose start the database lost (`service.begin_turn`'s `durable`) must not release the
-# claim of a later turn that took the same sequence numbers.
+# updated first and the reply after it, when RETURNING counts the replies stored (1; 0 only
+# if the reply was deleted while the statement ran). No row where the claim is no longer this
+# turn's, or the reply's row is not there: the release asks for it too (a plain read, which
+# locks nothing), since a turn whose start the database lost (`service.begin_turn`'s
+# `durable`) must not release the claim of a later turn that took the same sequence numbers.
+# Then the WITH runs after the main statement, and `service.finish_turn` looks the reply up.
 _finished = _finish.returning(_m.id).cte("finished")
 FINISH_AND_RELEASE = Prepared(
     _release.where(select(_m.id).where(_m.id == bindparam("p_id")).exists()).returning(

@@ -464,7 +464,7 @@ class TurnManager:
             return None
         logger.error("the start of turn %s is gone: its reply cannot be stored", turn.ids)
         return ReplyNotStored(
-            "The reply could not be stored: the database lost this turn's start (it restarted "
+            "The reply could not be stored: the database lost this turn's start (it crashed "
             "during the turn). Send the message again."
         )
 

@@ -3,8 +3,7 @@
 A plain (not streamed) turn's start commits without waiting for the WAL to reach the disk:
 nothing of it is acknowledged before its reply is stored, and the reply's commit waits for
 the WAL up to itself. A database crash in between can lose the start, and the reply must then
-be refused, not reported as stored; what such a crash leaves is what `service.undo_start`
-leaves (both messages gone, the claim taken back)."""
+be refused, not reported as stored (`lose_start` leaves what such a crash does)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, event, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.conversations.models import Conversation, Message
@@ -30,7 +29,7 @@ from tests.chat.helpers import (
     send_stream,
     upstream_called,
 )
-from tests.chat.test_round_trips import quiet_app
+from tests.chat.test_round_trips import quiet_app, record_sent
 from tests.conftest import client_for, create_conversation
 
 SETTING = Prepared(select(func.current_setting("synchronous_commit")))
@@ -81,25 +80,6 @@ async def lose_start(engine: AsyncEngine, conversation_id: uuid.UUID) -> None:
         )
 
 
-def record_starts(engine: AsyncEngine) -> list[tuple[Any, ...]]:
-    """The arguments of every turn's start sent on the engine's connections from now on."""
-    starts: list[tuple[Any, ...]] = []
-    watched: set[int] = set()
-
-    def keep(logged: Any) -> None:
-        if logged.query.startswith("WITH claimed"):
-            starts.append(tuple(logged.args))
-
-    @event.listens_for(engine.sync_engine, "checkout")
-    def watch(_dbapi: Any, record: Any, _proxy: Any) -> None:
-        driver = record.driver_connection
-        if id(driver) not in watched:
-            watched.add(id(driver))
-            driver.add_query_logger(keep)
-
-    return starts
-
-
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 async def test_a_plain_send_starts_without_waiting_for_the_disk_and_a_stream_waits(
     app_factory: Callable[..., Any], fake_llm: FakeLLM
@@ -107,12 +87,14 @@ async def test_a_plain_send_starts_without_waiting_for_the_disk_and_a_stream_wai
     app = await quiet_app(app_factory)
     async with client_for(app) as client:
         conversation_id = await create_conversation(client)
-        starts = record_starts(app.state.engine)
+        sent = record_sent(app.state.engine)
         assert (await send(client, conversation_id, "plain")).status_code == 200
         _, streamed = await send_stream(client, conversation_id, "streamed")
         assert streamed[-1].event == "message.completed"
 
-    plain_args, stream_args = starts
+    plain_args, stream_args = (
+        tuple(logged.args) for logged in sent if logged.query.startswith("WITH claimed")
+    )
     assert "off" in plain_args  # `p_commit`
     assert "off" not in stream_args
 

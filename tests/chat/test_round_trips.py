@@ -15,9 +15,10 @@ from tests.chat.helpers import send
 from tests.conftest import client_for, create_conversation
 
 
-def record_statements(engine: Any) -> list[str]:
-    """Every statement asyncpg sends on the engine's connections from now on."""
-    sent: list[str] = []
+def record_sent(engine: Any) -> list[Any]:
+    """Every statement asyncpg sends on the engine's connections from now on, as asyncpg's
+    `LoggedQuery` (its `query` and `args`)."""
+    sent: list[Any] = []
     watched: set[int] = set()
 
     @event.listens_for(engine.sync_engine, "checkout")
@@ -25,7 +26,7 @@ def record_statements(engine: Any) -> list[str]:
         driver = record.driver_connection
         if id(driver) not in watched:
             watched.add(id(driver))
-            driver.add_query_logger(lambda logged: sent.append(logged.query))
+            driver.add_query_logger(sent.append)
 
     return sent
 
@@ -38,8 +39,9 @@ async def quiet_app(app_factory: Callable[..., Any], **overrides: Any) -> Any:
     )
 
 
-def kinds(sent: list[str]) -> list[str]:
-    return [" ".join(statement.rstrip(";").split()[:2]) for statement in sent]
+def kinds(sent: list[Any]) -> list[str]:
+    """The first two words of each statement `record_sent` recorded."""
+    return [" ".join(logged.query.rstrip(";").split()[:2]) for logged in sent]
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
@@ -52,7 +54,7 @@ async def test_a_turn_is_two_statements_on_postgresql(
     async with client_for(app) as client:
         conversation_id = await create_conversation(client, system_prompt=system_prompt)
         await send(client, conversation_id, "Hola, soy Felipe")  # history from now on
-        sent = record_statements(app.state.engine)
+        sent = record_sent(app.state.engine)
 
         response = await send(client, conversation_id, "What is my name?")
 
@@ -74,7 +76,7 @@ async def test_a_prompt_not_known_to_fit_is_counted_in_a_transaction(
     async with client_for(app) as client:
         conversation_id = await create_conversation(client, system_prompt="Be brief. " * 10)
         await send(client, conversation_id, "hello")  # and the reaper's first pass is over
-        sent = record_statements(app.state.engine)
+        sent = record_sent(app.state.engine)
 
         response = await send(client, conversation_id, "hi")
 
@@ -106,7 +108,7 @@ async def test_a_turn_with_a_new_idempotency_key_is_two_statements_and_a_retry_i
     async with client_for(app) as client:
         conversation_id = await create_conversation(client)
         await send(client, conversation_id, "hello")  # and the reaper's first pass is over
-        sent = record_statements(app.state.engine)
+        sent = record_sent(app.state.engine)
 
         response = await keyed(client, conversation_id)
         first = kinds(sent)

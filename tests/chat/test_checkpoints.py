@@ -8,9 +8,9 @@ import functools
 import gc
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import select
@@ -27,6 +27,8 @@ from chatbot_api.sql import Tx, run_transaction
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import begin_a_turn, finish, lock_waiters, send
 from tests.conftest import client_for, create_conversation
+
+T = TypeVar("T")
 
 # Renewed every third of it: a stall of up to two thirds (0.67 s) on a loaded machine is fine.
 LEASE = 1.0
@@ -139,6 +141,31 @@ class TestRenewal:
         assert busy_until is None
 
 
+async def reply_free_while_waiting(
+    engine: AsyncEngine, begun: service.BegunTurn, work: Callable[[], Coroutine[Any, Any, T]]
+) -> tuple[Any, T]:
+    """Run `work` while another session holds the turn's conversation row, and once it waits
+    for that lock, try to lock the reply's row without waiting (NOWAIT fails at once if
+    `work` holds it already). The reply's id if it was free, and what `work` returned."""
+    async with engine.connect() as holder:
+        await holder.execute(
+            select(Conversation.id)
+            .where(Conversation.id == begun.conversation_id)
+            .with_for_update()
+        )
+        waiting = asyncio.create_task(work())
+        await lock_waiters(engine, 1)
+        async with engine.connect() as probe:
+            locked = await probe.scalar(
+                select(Message.id)
+                .where(Message.id == begun.assistant_message_id)
+                .with_for_update(nowait=True)
+            )
+            await probe.rollback()
+        await holder.rollback()
+    return locked, await waiting
+
+
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 class TestLockOrder:
     """A checkpoint that renews claims and a turn storing its reply lock the same two rows:
@@ -154,36 +181,17 @@ class TestLockOrder:
         ids = TurnIds(begun.conversation_id, begun.user_message_id, begun.assistant_message_id)
         turn = Turn(ids=ids, model_used="m", begun=begun)
         turn.publish_delta("partial text")
-        async with engine.connect() as holder:
-            await holder.execute(
-                select(Conversation.id)
-                .where(Conversation.id == begun.conversation_id)
-                .with_for_update()
-            )
-            tick = asyncio.create_task(
-                run_transaction(
-                    engine,
-                    functools.partial(
-                        checkpoints._checkpoint,
-                        partials=[(turn, turn.text_length)],
-                        claims=[(begun.conversation_id, begun.claim_seq)],
-                        lease=timedelta(seconds=60),
-                    ),
-                    urgent=True,
-                )
-            )
-            await lock_waiters(engine, 1)
-            async with engine.connect() as probe:
-                # Fails at once (NOWAIT) if the waiting checkpoint already holds the reply.
-                locked = await probe.scalar(
-                    select(Message.id)
-                    .where(Message.id == begun.assistant_message_id)
-                    .with_for_update(nowait=True)
-                )
-                await probe.rollback()
-            await holder.rollback()
+        tick = functools.partial(
+            checkpoints._checkpoint,
+            partials=[(turn, turn.text_length)],
+            claims=[(begun.conversation_id, begun.claim_seq)],
+            lease=timedelta(seconds=60),
+        )
+        locked, cancels = await reply_free_while_waiting(
+            engine, begun, lambda: run_transaction(engine, tick, urgent=True)
+        )
         assert locked == begun.assistant_message_id
-        assert await tick == set()
+        assert cancels == set()
         _, partial = await claim_and_partial(engine, str(begun.conversation_id))
         assert partial == "partial text"
 
@@ -193,31 +201,14 @@ class TestLockOrder:
         # The order the checkpoint's is matched to; RETURNING, which counts the stored
         # replies, runs the reply's UPDATE only once the conversation's row is updated.
         begun = await begin_a_turn(engine)
-        async with engine.connect() as holder:
-            await holder.execute(
-                select(Conversation.id)
-                .where(Conversation.id == begun.conversation_id)
-                .with_for_update()
-            )
-            finishing = asyncio.create_task(
-                run_transaction(
-                    engine,
-                    functools.partial(finish, turn=begun),
-                    single_statement=True,
-                    urgent=True,
-                )
-            )
-            await lock_waiters(engine, 1)
-            async with engine.connect() as probe:
-                locked = await probe.scalar(
-                    select(Message.id)
-                    .where(Message.id == begun.assistant_message_id)
-                    .with_for_update(nowait=True)
-                )
-                await probe.rollback()
-            await holder.rollback()
+        store = functools.partial(finish, turn=begun)
+        locked, stored = await reply_free_while_waiting(
+            engine,
+            begun,
+            lambda: run_transaction(engine, store, single_statement=True, urgent=True),
+        )
         assert locked == begun.assistant_message_id
-        assert await finishing is True
+        assert stored is True
 
     async def test_a_deadlock_is_a_transient_error_worth_a_retry(self, engine: AsyncEngine) -> None:
         first, second = await begin_a_turn(engine), await begin_a_turn(engine)

@@ -77,5 +77,5 @@ bench-peers: $(BENCH_STAMP)  ## LiteLLM proxy beside the app, against the same f
 # controls the local cluster, see tests/chaos/__init__.py) and 1,000 concurrent sends to one
 # conversation. `make test` runs the short variants of the same tests.
 .PHONY: chaos
-chaos: $(STAMP)  ## the long chaos tests (~3.5 min; restarts, crashes and stops local PostgreSQL)
+chaos: $(STAMP)  ## the long chaos tests (~2.5 min; restarts, crashes and stops local PostgreSQL)
 	$(BIN)/pytest -m chaos -p no:cacheprovider tests/chaos

@@ -387,9 +387,10 @@ async def finish_turn(
     """Store the reply and release the conversation, unless a later turn took it over after
     our claim expired (then its `next_seq` has moved on and the release is a no-op).
 
-    False if the reply's row is gone: its conversation was deleted meanwhile, or the database
-    lost the turn's start (a crash before a start committed without waiting for the disk
-    reached it; see `begin_turn`'s `durable`).
+    False if the database lost the turn's start: the reply's row is gone while its
+    conversation is not (a crash before a start committed without waiting for the disk
+    reached it; see `begin_turn`'s `durable`). A reply whose conversation was deleted
+    meanwhile has nothing to be stored in, as the client asked: True.
 
     One statement where the backend allows it (`Tx.combines_writes`), so the caller runs it
     as `single_statement`; the rare follow-up read needs no snapshot shared with it. Running
@@ -415,18 +416,20 @@ async def finish_turn(
     }
     if tx.combines_writes:
         released = await tx.first(statements.FINISH_AND_RELEASE, params)
-        if released is not None:
-            return bool(released[0])
-        # No claim of ours, or no reply: the reply's UPDATE ran after the statement's own.
-        return await tx.first(statements.REPLY_EXISTS, params) is not None
-    if await tx.first(statements.FINISH, params) is None:
-        return False  # and the claim, if there is one, is not this turn's to release
-    await tx.run(statements.RELEASE, params)
-    return True
-
-
-async def conversation_exists(tx: Tx, conversation_id: uuid.UUID) -> bool:
-    return await tx.first(statements.CONVERSATION_EXISTS, {"p_id": conversation_id}) is not None
+        # No row: no claim of ours, or no reply; the reply's UPDATE ran after the release.
+        found = (
+            bool(released[0])
+            if released is not None
+            else await tx.first(statements.REPLY_EXISTS, params) is not None
+        )
+    else:
+        found = await tx.first(statements.FINISH, params) is not None
+        if found:  # else the claim, if there is one, is not this turn's to release
+            await tx.run(statements.RELEASE, params)
+    if found:
+        return True
+    gone = {"p_id": turn.conversation_id}
+    return await tx.first(statements.CONVERSATION_EXISTS, gone) is None
 
 
 async def store_partials(tx: Tx, partials: Sequence[tuple[uuid.UUID, str]]) -> None:

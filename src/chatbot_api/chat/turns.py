@@ -437,11 +437,11 @@ class TurnManager:
         """Store the reply: None once it is, else the error to report."""
         begun = turn.begun
         assert begun is not None
-        found = True
+        kept = True
 
         async def store(tx: Tx) -> None:
-            nonlocal found
-            found = await service.finish_turn(
+            nonlocal kept
+            kept = await service.finish_turn(
                 tx,
                 turn=begun,
                 content=text,
@@ -452,15 +452,11 @@ class TurnManager:
                 error=error,
                 model_used=turn.model_used,
             )
-            if not found:
-                # Deleted with its conversation (nothing to store it in, as the client
-                # asked), or lost with a start the database did not keep.
-                found = not await service.conversation_exists(tx, begun.conversation_id)
 
         # On PostgreSQL one statement, so a retry is safe (`finish_turn`).
         if not await self._retried(store, f"store reply {turn.ids}"):
             return ReplyNotStored("The reply could not be stored; the database is unavailable.")
-        if found:
+        if kept:
             return None
         logger.error("the start of turn %s is gone: its reply cannot be stored", turn.ids)
         return ReplyNotStored(

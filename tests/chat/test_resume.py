@@ -4,14 +4,15 @@ after the resume is the stored reply, with no gap and no duplicate."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 
 import httpx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatbot_api.chat.events import parse_last_event_id, still_needed
-from chatbot_api.chat.outcomes import DELTA, TurnEvent, TurnIds, created_event, terminal_event
+from chatbot_api.chat.events import frames, parse_last_event_id
+from chatbot_api.chat.outcomes import LogEntry, TurnIds, created_event, terminal_event
 from chatbot_api.conversations.models import MessageStatus
 from chatbot_api.testing.fake_llm import FakeLLM, Script
 from tests.chat.helpers import SSEEvent, messages, parse_sse, send, upstream_called
@@ -28,26 +29,31 @@ def _text(events: list[SSEEvent]) -> str:
     return "".join(e.data["delta"] for e in events if e.event == "message.delta")
 
 
-def _log(deltas: list[str]) -> list[TurnEvent]:
+def _log(deltas: list[str]) -> list[LogEntry]:
     ids = TurnIds(uuid.uuid4(), uuid.uuid4(), uuid.uuid4())
-    log = [created_event(ids, "m")]
-    offset = 0
-    for delta in deltas:
-        offset += len(delta)
-        log.append(TurnEvent(DELTA, delta, offset))
     text = "".join(deltas)
-    log.append(
-        terminal_event(
-            ids,
-            text=text,
-            status=MessageStatus.COMPLETED,
-            model_used="m",
-            finish_reason="stop",
-            usage=None,
-            error=None,
-        )
+    done = terminal_event(
+        ids,
+        text=text,
+        status=MessageStatus.COMPLETED,
+        model_used="m",
+        finish_reason="stop",
+        usage=None,
+        error=None,
     )
-    return log
+    return [created_event(ids, "m"), *deltas, done]
+
+
+def _stream(log: list[LogEntry], have: int | None, cuts: list[int] | None = None) -> list[SSEEvent]:
+    """The events a client holding `have` characters gets, the log read in the runs between
+    `cuts` (as a reader woken at those points would), the offset carried from run to run."""
+    bounds = [0, *sorted(cuts or []), len(log)]
+    out: list[bytes] = []
+    offset = 0
+    for start, stop in itertools.pairwise(bounds):
+        run, offset = frames(log[start:stop], offset, have)
+        out += run
+    return parse_sse(b"".join(out).decode())
 
 
 class TestResumeProperty:
@@ -59,24 +65,48 @@ class TestResumeProperty:
         self, deltas: list[str], data: st.DataObject
     ) -> None:
         log = _log(deltas)
-        cut = data.draw(st.integers(min_value=0, max_value=len(log) - 1))
-        before = "".join(e.data for e in log[: cut + 1] if isinstance(e.data, str))
+        events = _stream(log, None)
+        cut = data.draw(st.integers(min_value=0, max_value=len(events) - 1))
+        before = _text(events[: cut + 1])
+        have = parse_last_event_id(events[cut].id)
 
-        have = parse_last_event_id(str(log[cut].offset))
-        resumed = [r for r in (still_needed(e, have) for e in log) if r is not None]
-        after = "".join(e.data for e in resumed if isinstance(e.data, str))
+        resumed = _stream(log, have)
 
-        assert before + after == "".join(deltas)
-        assert resumed[-1].name == "message.completed"
-        assert all(e.name != "message.created" for e in resumed)
+        assert before + _text(resumed) == "".join(deltas)
+        assert resumed[-1].event == "message.completed"
+        assert all(e.event != "message.created" for e in resumed)
+
+    @given(
+        deltas=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=30),
+        cuts=st.lists(st.integers(min_value=0, max_value=32), max_size=6),
+        have=st.none() | st.integers(min_value=0, max_value=200),
+    )
+    def test_reading_the_log_in_runs_gives_the_same_frames(
+        self, deltas: list[str], cuts: list[int], have: int | None
+    ) -> None:
+        log = _log(deltas)
+        cuts = [min(c, len(log)) for c in cuts]
+        assert _stream(log, have, cuts) == _stream(log, have)
+
+    @given(deltas=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=10))
+    def test_each_id_is_the_length_of_the_reply_so_far(self, deltas: list[str]) -> None:
+        events = _stream(_log(deltas), None)
+        received = ""
+        for event in events:
+            if event.event == "message.delta":
+                received += event.data["delta"]
+                assert event.id == str(len(received))
+        assert events[0].id == "0"
+        assert events[-1].id == str(len(received))
+        assert received == "".join(deltas)
 
     @given(deltas=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=10))
     def test_an_offset_inside_a_delta_gets_the_rest_of_it(self, deltas: list[str]) -> None:
         text = "".join(deltas)
         for have in range(len(text) + 1):
-            resumed = [r for r in (still_needed(e, have) for e in _log(deltas)) if r is not None]
-            after = "".join(e.data for e in resumed if isinstance(e.data, str))
-            assert text[:have] + after == text
+            resumed = _stream(_log(deltas), have)
+            assert text[:have] + _text(resumed) == text
+            assert all(e.data["delta"] for e in resumed if e.event == "message.delta")
 
     def test_garbled_last_event_id_replays_everything(self) -> None:
         assert parse_last_event_id(None) is None

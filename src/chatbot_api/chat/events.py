@@ -29,14 +29,14 @@ that coalesces deltas into fewer, larger frames without changing the text.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from pydantic_core import to_json
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from chatbot_api.chat.outcomes import CREATED, DELTA, TurnEvent
+from chatbot_api.chat.outcomes import CREATED, LogEntry, TurnEvent
 from chatbot_api.chat.turn import Turn
 
 KEEPALIVE = 15.0
@@ -44,9 +44,13 @@ KEEPALIVE_COMMENT = b": ping\n\n"
 
 
 def encode(event: TurnEvent) -> bytes:
-    data = event.data
-    payload = to_json({"delta": data}) if isinstance(data, str) else data.model_dump_json().encode()
+    payload = event.data.model_dump_json().encode()
     return b"event: %s\ndata: %s\nid: %d\n\n" % (event.name.encode(), payload, event.offset)
+
+
+def encode_delta(text: str, offset: int) -> bytes:
+    """A `message.delta` frame: `offset` is the reply's length once the client has `text`."""
+    return b"event: message.delta\ndata: %s\nid: %d\n\n" % (to_json({"delta": text}), offset)
 
 
 def parse_last_event_id(value: str | None) -> int | None:
@@ -56,21 +60,22 @@ def parse_last_event_id(value: str | None) -> int | None:
     return int(value.strip())
 
 
-def still_needed(event: TurnEvent, have: int | None) -> TurnEvent | None:
-    """What a client that has `have` characters still needs of `event`."""
-    if have is None:
-        return event
-    if event.name == CREATED:
-        return None
-    if event.name != DELTA:
-        return event
-    assert isinstance(event.data, str)
-    if event.offset <= have:
-        return None
-    start = event.offset - len(event.data)
-    if start >= have:
-        return event
-    return TurnEvent(DELTA, event.data[have - start :], event.offset)
+def frames(entries: Sequence[LogEntry], offset: int, have: int | None) -> tuple[list[bytes], int]:
+    """The frames still needed by a client that has `have` characters of the reply (None: a
+    replay from the start) of `entries`, a run of a turn's log whose text starts at `offset`;
+    and the offset after the run. A resumed client gets no `message.created`, and of a delta
+    only the part it lacks."""
+    out = []
+    for entry in entries:
+        if isinstance(entry, str):
+            start, offset = offset, offset + len(entry)
+            if have is None or start >= have:
+                out.append(encode_delta(entry, offset))
+            elif offset > have:
+                out.append(encode_delta(entry[have - start :], offset))
+        elif have is None or entry.name != CREATED:
+            out.append(encode(entry))
+    return out, offset
 
 
 class EventStream(Response):
@@ -117,7 +122,7 @@ async def sse_stream(
     """Encode the turn's events until the terminal one, skipping what the client `have`s, or
     until `gone` is done (the client went away). Either way a generating turn goes on."""
     loop = asyncio.get_running_loop()
-    index = 0
+    index = offset = 0
     ping_due = False
     waiter: asyncio.Future[None] | None = None
     timer: asyncio.TimerHandle | None = None
@@ -141,13 +146,9 @@ async def sse_stream(
             log = turn.log
             end = len(log)
             if end > index:
-                frames = [
-                    encode(needed)
-                    for needed in (still_needed(log[i], have) for i in range(index, end))
-                    if needed is not None
-                ]
-                if frames:
-                    yield b"".join(frames)
+                out, offset = frames(log[index:end], offset, have)
+                if out:
+                    yield b"".join(out)
                 if turn.done:
                     return
                 index = end

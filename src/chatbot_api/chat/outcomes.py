@@ -24,13 +24,19 @@ TERMINAL = frozenset({COMPLETED, INCOMPLETE, FAILED})
 
 @dataclass(frozen=True, slots=True)
 class TurnEvent:
-    """One event of a turn. `offset` is how many characters of the reply the client has once
-    it has seen this event: it is the SSE `id:`, so `Last-Event-ID` says where to resume.
-    A delta's data is its text alone: no model is built per token."""
+    """One event of a turn other than a delta. `offset` is how many characters of the reply
+    the client has once it has seen this event: it is the SSE `id:`, so `Last-Event-ID` says
+    where to resume."""
 
     name: str
-    data: MessageCreated | str | ChatResponse | TurnError
+    data: MessageCreated | ChatResponse | TurnError
     offset: int
+
+
+# An entry of a turn's log: an event, or a delta kept as its bare text. A delta's offset (its
+# SSE `id:`) is the length of the reply up to and including it, which a reader sums as it goes:
+# per token the log holds the text alone, not an event object and an offset beside it.
+LogEntry = TurnEvent | str
 
 
 @dataclass(frozen=True, slots=True)

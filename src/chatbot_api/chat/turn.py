@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatbot_api.chat import service
 from chatbot_api.chat.outcomes import (
-    DELTA,
     TERMINAL,
+    LogEntry,
     TurnEvent,
     TurnIds,
     error_from_stored,
@@ -43,7 +43,9 @@ class Turn:
     ids: TurnIds
     model_used: str
     begun: service.BegunTurn | None = None
-    log: list[TurnEvent] = field(default_factory=list)
+    # Events and deltas (`LogEntry`), appended in order and never changed: readers hold an
+    # index into it.
+    log: list[LogEntry] = field(default_factory=list)
     text_length: int = 0
     # How much of the text the last checkpoint stored (`chat.turns`).
     stored_length: int = 0
@@ -64,15 +66,24 @@ class Turn:
 
     @property
     def done(self) -> bool:
-        return bool(self.log) and self.log[-1].name in TERMINAL
+        return self.final is not None
 
-    def publish(self, event: TurnEvent) -> None:
-        self.log.append(event)
+    @property
+    def final(self) -> TurnEvent | None:
+        """The terminal event, once published."""
+        last = self.log[-1] if self.log else None
+        return last if isinstance(last, TurnEvent) and last.name in TERMINAL else None
+
+    def _append(self, entry: LogEntry) -> None:
+        self.log.append(entry)
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def publish(self, event: TurnEvent) -> None:
+        self._append(event)
         if event.name in TERMINAL:
             for reader in self._outcome_waiters:
                 if not reader.done():
@@ -87,7 +98,7 @@ class Turn:
 
     def publish_delta(self, text: str) -> None:
         self.text_length += len(text)
-        self.publish(TurnEvent(DELTA, text, self.text_length))
+        self._append(text)
 
     def take_context(self) -> list[ChatMessage]:
         """The prompt, handed over once, to the provider: the turn keeps no reference to it
@@ -98,8 +109,8 @@ class Turn:
         return context
 
     def text(self) -> str:
-        """The reply so far: the deltas of the log (the only events whose data is text)."""
-        return "".join(e.data for e in self.log if isinstance(e.data, str))
+        """The reply so far: the deltas of the log."""
+        return "".join(e for e in self.log if isinstance(e, str))
 
     def waiter(self) -> asyncio.Future[None]:
         """A future resolved at the next publish. The caller may resolve it itself (a
@@ -110,8 +121,8 @@ class Turn:
 
     async def outcome(self) -> TurnEvent:
         """Wait for the terminal event."""
-        if self.done:
-            return self.log[-1]
+        if (final := self.final) is not None:
+            return final
         waiter: asyncio.Future[TurnEvent] = asyncio.get_running_loop().create_future()
         self._outcome_waiters.append(waiter)
         return await waiter

@@ -116,9 +116,13 @@ async def many_streams(b: Bench, fake: Proc, app: Proc, tokens: int) -> dict[str
         await asyncio.sleep(1.0)
         if sampler.sample().cpu["app"] - before.cpu["app"] < 0.05:
             break
-    settle = b.n(20, 3)
+    # The upstream keep-alive connections the burst opened close 15-30 s after their last use
+    # (aiohttp's 15 s timeout, checked every 15 s): the RSS is read before and after that.
+    settle, late = b.n(20, 3), b.n(45, 5)
     await asyncio.sleep(settle)
     after = sampler.sample().rss["app"]
+    await asyncio.sleep(late - settle)
+    after_late = sampler.sample().rss["app"]
     await sampler.stop()
     done = sum(j.part()["streams_done"] for j in jobs["app"])
     b.shared["stream_memory"] = {
@@ -128,6 +132,8 @@ async def many_streams(b: Bench, fake: Proc, app: Proc, tokens: int) -> dict[str
         "peak_rss": peak,
         "after_rss": after,
         "settle_s": settle,
+        "after_late_rss": after_late,
+        "late_s": late,
     }
     return {"jobs": jobs, "cores": cores, "fake_cores": fake_cores, "concurrency": concurrency}
 

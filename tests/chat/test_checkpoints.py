@@ -10,7 +10,7 @@ import os
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from sqlalchemy import select
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatbot_api.chat import checkpoints, service, statements
 from chatbot_api.chat.outcomes import TurnIds
 from chatbot_api.chat.turn import Turn
+from chatbot_api.chat.turns import TurnManager
 from chatbot_api.conversations.models import Conversation, Message
 from chatbot_api.errors import is_transient_db_error
 from chatbot_api.memory import release_freed_memory
@@ -120,6 +121,48 @@ class TestReleaseFreedMemory:
 
         assert before - rss_mb() > 100, (before, rss_mb())
         assert len(kept) == 4_000
+
+
+class _IdleTurns:
+    """What the checkpointer reads of a `TurnManager` with nothing in flight: it counts the
+    ticks, and says when `until` have passed."""
+
+    lease = timedelta(seconds=60)
+
+    def __init__(self, until: int) -> None:
+        self.ticks = 0
+        self.until = until
+        self.passed = asyncio.Event()
+
+    def live(self) -> list[Turn]:
+        self.ticks += 1
+        if self.ticks >= self.until:
+            self.passed.set()
+        return []
+
+
+class TestTrimSchedule:
+    async def test_an_idle_process_trims_soon_then_once_more_later(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Powers of two: 0.25 s of 1/64 s ticks is exactly 16 of them.
+        monkeypatch.setattr(checkpoints, "IDLE_SECONDS_BEFORE_LATE_TRIM", 0.25)
+        turns = _IdleTurns(until=40)
+        trimmed: list[int] = []
+        monkeypatch.setattr(
+            checkpoints, "release_freed_memory", lambda: trimmed.append(turns.ticks)
+        )
+        task = asyncio.create_task(
+            checkpoints.checkpoint_forever(cast(TurnManager, turns), interval=1 / 64)
+        )
+        try:
+            async with asyncio.timeout(10):
+                await turns.passed.wait()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        assert trimmed == [checkpoints.IDLE_TICKS_BEFORE_TRIM, 16]
 
 
 class TestRenewal:

@@ -36,11 +36,12 @@ from pydantic_core import to_json
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from chatbot_api.chat.outcomes import CREATED, LogEntry, TurnEvent
+from chatbot_api.chat.outcomes import CREATED, DELTA, LogEntry, TurnEvent
 from chatbot_api.chat.turn import Turn
 
 KEEPALIVE = 15.0
 KEEPALIVE_COMMENT = b": ping\n\n"
+_DELTA = DELTA.encode()
 
 
 def encode(event: TurnEvent) -> bytes:
@@ -50,7 +51,7 @@ def encode(event: TurnEvent) -> bytes:
 
 def encode_delta(text: str, offset: int) -> bytes:
     """A `message.delta` frame: `offset` is the reply's length once the client has `text`."""
-    return b"event: message.delta\ndata: %s\nid: %d\n\n" % (to_json({"delta": text}), offset)
+    return b"event: %s\ndata: %s\nid: %d\n\n" % (_DELTA, to_json({"delta": text}), offset)
 
 
 def parse_last_event_id(value: str | None) -> int | None:

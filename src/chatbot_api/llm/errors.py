@@ -1,4 +1,4 @@
-"""Errors raised by providers. Foreign errors (aiohttp, asyncio, pydantic, llama.cpp) are
+"""Errors raised by providers. Foreign errors (`llm.http`'s, asyncio, pydantic, llama.cpp) are
 mapped onto this tree at one boundary, `map_exception()`, so nothing above `llm/` ever
 sees a transport-specific exception.
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import pydantic
+
+from chatbot_api.llm import http
 
 
 class ProviderError(Exception):
@@ -97,15 +98,16 @@ def map_exception(exc: BaseException) -> ProviderError:
     """Map a foreign exception raised during a provider call onto the tree above."""
     if isinstance(exc, ProviderError):
         return exc
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return ProviderTimeout("upstream timed out")
-    if isinstance(exc, aiohttp.ClientConnectionError):
-        # Covers refused connections, resets and payload errors from a cut connection.
-        return ProviderUnavailable(f"cannot reach upstream: {type(exc).__name__}")
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, http.ConnectError):
+        # Refused, unreachable, a name that does not resolve, a failed TLS handshake.
+        return ProviderUnavailable("cannot reach upstream")
+    if isinstance(exc, http.ConnectionBroken):
         return ProviderUnavailable("upstream connection broke mid-response")
-    if isinstance(exc, (pydantic.ValidationError, ValueError, UnicodeDecodeError)):
+    if isinstance(exc, (http.BadResponse, pydantic.ValidationError, ValueError)):
+        # UnicodeDecodeError is a ValueError.
         return ProviderBadResponse("upstream sent a malformed response")
-    if isinstance(exc, aiohttp.ClientError):
+    if isinstance(exc, OSError):
         return ProviderUnavailable(f"upstream request failed: {type(exc).__name__}")
     return ProviderError(f"provider failed: {type(exc).__name__}")

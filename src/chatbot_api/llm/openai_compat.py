@@ -1,8 +1,8 @@
 """A `Provider` for any OpenAI-compatible Chat Completions endpoint: Groq, OpenAI, vLLM,
 Ollama, the llama.cpp server...
 
-This module speaks HTTP itself (aiohttp, not the `openai` SDK), through one pooled
-`ClientSession` per provider that `start()` opens and `aclose()` closes. Every call is a
+This module speaks HTTP itself (`llm.http`, not the `openai` SDK), through one pool of
+keep-alive connections per provider that `start()` opens and `aclose()` closes. Every call is a
 streaming `POST {base_url}/chat/completions`. Its SSE body is parsed by `llm.sse`, and each
 `data:` chunk is validated with the small TypedDicts below:
 
@@ -13,7 +13,7 @@ streaming `POST {base_url}/chat/completions`. Its SSE body is parsed by `llm.sse
     data: [DONE] / clean EOF -> end: Usage and Finish if seen; with no finish_reason the
                                 iterator just stops, so the caller stores the reply as incomplete
 
-Deadlines are our own, from `Timeouts`: `connect` is aiohttp's connect timeout. `first_token`
+Deadlines are our own, from `Timeouts`: `connect` bounds opening a connection. `first_token`
 runs from the start of the request to the first TextDelta. `idle` is the longest gap between
 TextDeltas, counted from when the consumer asks for more, so its own time is not idleness.
 `total` covers the whole call, and a consumer that holds the stream past it gets the error at
@@ -28,11 +28,12 @@ are mapped in one place, the `except` around the request and read loop. Closing 
 early closes the HTTP response, so the upstream sees the disconnect and stops generating.
 
 A finished call hands its connection back to the pool for the next one, which then needs no
-new TCP (or TLS) handshake. aiohttp only reuses a connection whose body was read to the end,
-and a server usually ends its body (the last chunk of a chunked response) in a write of its
-own after `[DONE]`; so if that end has not arrived yet, a task reads it (`_hand_back`), and the
-iterator does not wait for it. A body that goes on past `[DONE]`, or does not end within
-`END_TIMEOUT`, costs its connection instead.
+new TCP (or TLS) handshake. A connection is only reused once its body has ended, and a server
+usually ends its body (the last chunk of a chunked response) in a write of its own after
+`[DONE]`; so if that end has not arrived yet, the connection reads it on its own
+(`http.Response.release`), and the iterator does not wait for it. A body that goes on past
+`[DONE]` for more than `MAX_AFTER_DONE` bytes, or does not end within `END_TIMEOUT`, costs its
+connection instead.
 """
 
 from __future__ import annotations
@@ -44,12 +45,11 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import to_json
 from typing_extensions import TypedDict
 
-from chatbot_api.llm import errors
+from chatbot_api.llm import errors, http
 from chatbot_api.llm.base import (
     ChatMessage,
     Finish,
@@ -72,6 +72,7 @@ MAX_ERROR_BODY = 64 * 1024
 # How long, and how much, a body is read after `[DONE]` for its connection to be reused.
 END_TIMEOUT = 5.0
 MAX_AFTER_DONE = 64 * 1024
+_JSON_BODY = {"Content-Type": "application/json"}
 _KEY_LIKE = re.compile(r"\b(?:sk|gsk|xai|key)[-_][A-Za-z0-9_\-*.]{6,}")
 
 
@@ -146,9 +147,7 @@ class _ReadDeadline:
 
     __slots__ = ("_armed_for", "_handle", "_loop", "_reader", "expired", "reading", "when")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, reader: aiohttp.StreamReader, when: float
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader: http.Response, when: float) -> None:
         self._loop = loop
         self._reader = reader
         self._handle: asyncio.TimerHandle | None = None
@@ -221,8 +220,7 @@ class OpenAICompatProvider:
         self._max_connections = max_connections
         self._extra_headers = dict(extra_headers or {})
         self._estimator = TokenEstimator()
-        self._session: aiohttp.ClientSession | None = None
-        self._ending: set[asyncio.Task[None]] = set()  # bodies read to their end (_hand_back)
+        self._client: http.Client | None = None
 
     def __repr__(self) -> str:
         return f"OpenAICompatProvider(name={self._name!r}, base_url={self._base_url!r})"
@@ -260,48 +258,36 @@ class OpenAICompatProvider:
         self._estimator.observe(estimated_prompt_tokens, usage.prompt_tokens)
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._client is not None:
             return
         headers = {"Accept": "text/event-stream", **self._extra_headers}
         if self._api_key is not None:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        t = self._timeouts
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
-            # Only the connect timeout is aiohttp's: the read deadlines are enforced in stream(),
-            # where keep-alive comments cannot extend them.
-            timeout=aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect),
+        # Only connecting is timed there: the read deadlines are enforced in stream(), where
+        # keep-alive comments cannot extend them.
+        self._client = http.Client(
+            self._url,
             headers=headers,
+            connect_timeout=self._timeouts.connect,
+            max_connections=self._max_connections,
         )
 
     def is_ready(self) -> bool:
-        if self._session is None or self._session.closed:
+        if self._client is None or self._client.closed:
             return False
         host = urlsplit(self._base_url).hostname or ""
         return self._api_key is not None or host not in KEYED_HOSTS
 
     async def aclose(self) -> None:
-        for task in self._ending:
-            task.cancel()
-        await asyncio.gather(*self._ending, return_exceptions=True)
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
-    def _hand_back(self, response: aiohttp.ClientResponse) -> None:
-        """Release a finished call's connection to the pool, once its body has ended."""
-        if response.content.is_eof():
-            response.release()
-            return
-        task = asyncio.get_running_loop().create_task(_read_to_end(response))
-        self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
 
     async def stream(
         self, messages: list[ChatMessage], options: GenerationOptions
     ) -> AsyncGenerator[StreamEvent, None]:
-        session = self._session
-        if session is None:
+        client = self._client
+        if client is None:
             raise errors.ProviderUnavailable(f"provider {self._name} is not started")
         loop = asyncio.get_running_loop()
         t = self._timeouts
@@ -312,17 +298,14 @@ class OpenAICompatProvider:
         phase = "first_token"
         timer: asyncio.Timeout | None = None
         deadline: _ReadDeadline | None = None
-        response: aiohttp.ClientResponse | None = None
+        response: http.Response | None = None
         finished = False
         usage: Usage | None = None
         finish: str | None = None
         try:
             async with asyncio.timeout_at(first_at) as timer:
-                response = await session.post(
-                    self._url,
-                    data=self._payload(messages, options),
-                    headers={"Content-Type": "application/json"},
-                    allow_redirects=False,
+                response = await client.post(
+                    self._url, self._payload(messages, options), _JSON_BODY
                 )
                 # Sent: a long stream keeps no reference to the prompt (a long history).
                 del messages
@@ -334,11 +317,10 @@ class OpenAICompatProvider:
                         status=response.status,
                     )
             parser = SSEParser()
-            content = response.content
-            deadline = _ReadDeadline(loop, content, first_at)
+            deadline = _ReadDeadline(loop, response, first_at)
             while True:
                 deadline.arm()
-                chunk = await content.readany()
+                chunk = await response.read()
                 deadline.reading = False
                 if not chunk:
                     break  # clean EOF
@@ -387,7 +369,7 @@ class OpenAICompatProvider:
             # stops generating.
             if response is not None:
                 if finished:
-                    self._hand_back(response)
+                    response.release(drop_limit=MAX_AFTER_DONE, drop_timeout=END_TIMEOUT)
                 else:
                     response.close()
         if usage is not None:
@@ -418,10 +400,10 @@ class OpenAICompatProvider:
             return errors.ProviderTimeout(f"no text from upstream within {t.first_token:g}s")
         return errors.ProviderTimeout(f"upstream sent no text for {t.idle:g}s")
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> errors.ProviderError:
+    async def _status_error(self, response: http.Response) -> errors.ProviderError:
         body = bytearray()
         while len(body) < MAX_ERROR_BODY:
-            chunk = await response.content.readany()
+            chunk = await response.read()
             if not chunk:
                 break
             body += chunk
@@ -432,7 +414,7 @@ class OpenAICompatProvider:
                 detail = self._scrub(_ErrorEnvelope.model_validate_json(body).text())
             except ValidationError:
                 detail = "an error body that is not JSON"
-        retry_after = errors.parse_retry_after(response.headers.get("Retry-After"))
+        retry_after = errors.parse_retry_after(response.headers.get("retry-after"))
         logger.info("provider %s: upstream returned HTTP %d", self._name, response.status)
         return errors.error_for_status(response.status, detail, retry_after=retry_after)
 
@@ -453,21 +435,3 @@ class OpenAICompatProvider:
             text = text.replace(self._api_key, "[redacted]")
         text = " ".join(_KEY_LIKE.sub("[redacted]", text).split())
         return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 1] + "…"
-
-
-async def _read_to_end(response: aiohttp.ClientResponse) -> None:
-    """Read what follows `[DONE]` until the body ends, then release the connection to the
-    pool; close it if the body goes on, fails or does not end in time (or on cancellation)."""
-    content = response.content
-    try:
-        async with asyncio.timeout(END_TIMEOUT):
-            left = MAX_AFTER_DONE
-            while left >= 0 and (chunk := await content.readany()):
-                left -= len(chunk)
-    except Exception:
-        pass  # a body that fails to end costs its connection, closed below, and nothing else
-    finally:
-        if content.is_eof():
-            response.release()
-        else:
-            response.close()

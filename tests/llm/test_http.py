@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from chatbot_api.llm import http
 
@@ -462,3 +463,25 @@ class TestTLS:
         await c.aclose()
         listening.close()
         await listening.wait_closed()
+
+
+def test_the_same_on_uvloop() -> None:
+    """Servers run on uvloop, whose transports are classes of its own."""
+
+    async def exchange() -> tuple[bytes, int]:
+        server = Server(answer(OK_LENGTH))
+        listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+        server.port = listening.sockets[0].getsockname()[1]
+        c = client(server)
+        try:
+            for _ in range(2):
+                response = await c.post(server.url, b"", {})
+                body = await body_of(response)
+                response.release()
+            return body, server.connections
+        finally:
+            await c.aclose()
+            listening.close()
+            await listening.wait_closed()
+
+    assert uvloop.run(exchange()) == (b"hello", 1)

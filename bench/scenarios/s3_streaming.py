@@ -116,8 +116,9 @@ async def many_streams(b: Bench, fake: Proc, app: Proc, tokens: int) -> dict[str
         await asyncio.sleep(1.0)
         if sampler.sample().cpu["app"] - before.cpu["app"] < 0.05:
             break
-    # The upstream keep-alive connections the burst opened close 15-30 s after their last use
-    # (aiohttp's 15 s timeout, checked every 15 s): the RSS is read before and after that.
+    # The upstream keep-alive connections the burst opened close 15 s after their last use
+    # (`chatbot_api.llm.http.KEEPALIVE`; 15-30 s with aiohttp, the client before): the RSS is
+    # read before and after that.
     settle, late = b.n(20, 3), b.n(45, 5)
     await asyncio.sleep(settle)
     after = sampler.sample().rss["app"]

@@ -12,7 +12,7 @@ suite runs a short one).
   slow to send: its figure is given beside it.
 - Back to idle: S3's worker, once its load is over and idle connections have timed out (the
   harder case: its allocator saw the backlog), 45 s after its CPU fell quiet: the upstream
-  keep-alive connections close 15-30 s after their last use. The figure at 20 s is given
+  keep-alive connections close 15 s after their last use. The figure at 20 s is given
   beside it. If S3 did not run, the same load runs here.
 - Growth: a mixed open-loop load (sends, streams, creates) on a fresh worker while RSS is
   sampled; growth is the median of the last tenth of the samples minus the median of the
@@ -33,7 +33,7 @@ from bench.servers import FakeConfig, Proc, Registry
 MB = 1024 * 1024
 # Held streams: a delta a second, all opened within the first few seconds.
 HELD_GAP = 1.0
-# After a burst of held streams: longer than uvicorn's (5 s) and aiohttp's (15 s) keep-alive
+# After a burst of held streams: longer than uvicorn's (5 s) and the provider's (15 s) keep-alive
 # timeouts, so the idle connections a burst leaves are closed.
 HELD_SETTLE = 20.0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from chatbot_api.llm import http
+from chatbot_api.llm import errors, http
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -485,3 +485,23 @@ def test_the_same_on_uvloop() -> None:
             await listening.wait_closed()
 
     assert uvloop.run(exchange()) == (b"hello", 1)
+
+
+@pytest.mark.parametrize(
+    ("raised", "mapped", "message"),
+    [
+        (http.ConnectError("refused"), errors.ProviderUnavailable, "cannot reach upstream"),
+        (http.ConnectionBroken("cut"), errors.ProviderUnavailable, "broke mid-response"),
+        (http.BadResponse("SSH-2.0"), errors.ProviderBadResponse, "malformed"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), errors.ProviderBadResponse, "malformed"),
+        (TimeoutError(), errors.ProviderTimeout, "timed out"),
+        (ConnectionResetError(), errors.ProviderUnavailable, "ConnectionResetError"),
+        (RuntimeError("?"), errors.ProviderError, "provider failed: RuntimeError"),
+    ],
+)
+def test_the_clients_errors_map_onto_the_provider_tree(
+    raised: BaseException, mapped: type[errors.ProviderError], message: str
+) -> None:
+    error = errors.map_exception(raised)
+    assert type(error) is mapped
+    assert message in str(error)

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # Freed memory goes back to the system after this many ticks with no turn in flight, then
 # once more after this many idle seconds: by then the provider's idle keep-alive connections
-# are closed too (aiohttp closes them 15-30 s after their last use), and what they held is
+# are closed too (`llm.http` closes them 15 s after their last use), and what they held is
 # freed. After 1,000 streams the second trim gave back about 5 MB more.
 IDLE_TICKS_BEFORE_TRIM = 3
 IDLE_SECONDS_BEFORE_LATE_TRIM = 40.0

@@ -207,7 +207,7 @@ async def run(b: Bench) -> None:
         note = (
             f"S3's worker: {mem['after_late_rss'] / MB:.1f} MB {mem['late_s']} s after "
             f"{mem['streams']} streams ({mem['after_rss'] / MB:.1f} MB after "
-            f"{mem['settle_s']} s, its upstream connections still open), idle "
+            f"{mem['settle_s']} s, before the late trim), idle "
             f"{mem['idle_rss'] / MB:.1f} MB{slow}"
         )
         b.results.add(Target(6, "RSS after load vs idle", back, "%", "<=", 10, note))

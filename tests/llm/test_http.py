@@ -225,6 +225,32 @@ class TestReuse:
         assert server.connections == 2
         await c.aclose()
 
+    async def test_bytes_on_an_idle_connection_close_it(self, serve: Serve) -> None:
+        server = await serve(answer(OK_LENGTH, b"HTTP/1.1 200 OK\r\n"))  # one head too many
+        c = client(server)
+        response = await c.post(server.url, b"", {})
+        await body_of(response)
+        response.release()
+        await asyncio.sleep(0.1)
+        assert c.connections == 0
+        response = await c.post(server.url, b"", {})
+        assert await body_of(response) == b"hello"
+        assert server.connections == 2
+        await c.aclose()
+
+    async def test_what_a_reader_left_unread_does_not_reach_the_next(self, serve: Serve) -> None:
+        server = await serve(answer(OK_LENGTH))
+        c = client(server)
+        response = await c.post(server.url, b"", {})
+        await asyncio.sleep(0.05)  # "hello" is in, unread
+        response.release()
+        with pytest.raises(http.ConnectionBroken, match="released"):
+            await response.read()
+        response = await c.post(server.url, b"", {})
+        assert await body_of(response) == b"hello"
+        assert server.connections == 1
+        await c.aclose()
+
     async def test_idle_connections_are_closed_after_the_keepalive(self, serve: Serve) -> None:
         server = await serve(answer(OK_LENGTH))
         c = client(server, keepalive=0.1)

@@ -62,6 +62,32 @@ class BadResponse(ClientError):
 class _Connection(asyncio.Protocol):
     """One connection and the response it is reading. The parser's callbacks fill it."""
 
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_drop_left",
+        "_drop_timer",
+        "_dropping",
+        "_error",
+        "_forced",
+        "_head_bytes",
+        "_informational",
+        "_length_known",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_pool",
+        "_waiter",
+        "closed",
+        "complete",
+        "head",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "status",
+        "transport",
+    )
+
     def __init__(self, pool: Client) -> None:
         self._pool = pool
         self._loop = asyncio.get_running_loop()
@@ -97,6 +123,11 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.head is None or self.complete:
+            # Bytes after the response ended, or on an idle connection: nobody asked for them,
+            # and the connection cannot be reused.
+            self.close()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -239,6 +270,12 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
 
     def _reset(self) -> None:
+        # What the last reader left unread (the end of a body it let go of) is not the next's.
+        self._buffer.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
         self._parser = httptools.HttpResponseParser(self)
         self._head_bytes = 0
         self.status = 0
@@ -280,6 +317,8 @@ class Response:
     async def read(self) -> bytes:
         """What has arrived of the body since the last read (waiting for some if nothing
         has); b"" once the body has ended."""
+        if self._done:
+            raise ConnectionBroken("the response was already released or closed")
         return await self._conn.read()
 
     def is_eof(self) -> bool:

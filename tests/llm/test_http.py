@@ -4,6 +4,7 @@ request and answers with the exact bytes the test gives it."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -346,6 +347,65 @@ class TestLimits:
     def test_only_http_urls(self) -> None:
         with pytest.raises(ValueError, match="not an http"):
             http.Client("ftp://example.com/", headers={}, connect_timeout=1.0)
+
+
+class TestResolver:
+    async def test_a_burst_of_connections_looks_the_name_up_once(
+        self, serve: Serve, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        server = await serve(answer(OK_LENGTH))
+        loop = asyncio.get_running_loop()
+        real = loop.getaddrinfo
+        lookups: list[str] = []
+
+        async def counting(host: str, *args: object, **kwargs: object) -> object:
+            lookups.append(host)
+            await asyncio.sleep(0.02)  # a resolver takes a while: the burst arrives meanwhile
+            return await real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(loop, "getaddrinfo", counting)
+        url = f"http://localhost:{server.port}/v1"
+        c = http.Client(url, headers={}, connect_timeout=2.0)
+        responses = await asyncio.gather(*(c.post(url, b"", {}) for _ in range(10)))
+        assert [await body_of(r) for r in responses] == [b"hello"] * 10
+        assert (lookups, server.connections) == (["localhost"], 10)
+        for response in responses:
+            response.close()
+        await body_of(await c.post(url, b"", {}))  # a new connection, the addresses cached
+        assert lookups == ["localhost"]
+        await c.aclose()
+
+    async def test_the_cache_expires(self, serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+        server = await serve(answer(OK_LENGTH, close=True))
+        monkeypatch.setattr(http, "DNS_TTL", 0.0)
+        loop = asyncio.get_running_loop()
+        real = loop.getaddrinfo
+        lookups: list[str] = []
+
+        async def counting(host: str, *args: object, **kwargs: object) -> object:
+            lookups.append(host)
+            return await real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(loop, "getaddrinfo", counting)
+        url = f"http://localhost:{server.port}/v1"
+        c = http.Client(url, headers={}, connect_timeout=2.0)
+        for _ in range(2):
+            await body_of(await c.post(url, b"", {}))
+        assert lookups == ["localhost", "localhost"]
+        await c.aclose()
+
+    async def test_a_name_that_does_not_resolve_is_a_connect_error(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        async def unknown(*_args: object, **_kwargs: object) -> object:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", unknown)
+        url = "http://name-that-does-not-resolve.invalid/v1"
+        c = http.Client(url, headers={}, connect_timeout=5.0)
+        with pytest.raises(http.ConnectError, match="cannot resolve"):
+            await c.post(url, b"", {})
+        await c.aclose()
 
 
 class TestFailures:

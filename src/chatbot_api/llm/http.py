@@ -29,6 +29,8 @@ seconds, and a connection the server closed is never handed out.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 from collections import deque
 from typing import cast
@@ -40,6 +42,10 @@ MAX_HEAD_BYTES = 64 * 1024
 # A body buffered past this stops the socket being read until the reader catches up.
 HIGH_WATER = 256 * 1024
 KEEPALIVE = 15.0
+# Where to connect: the family, the host's address, the port.
+Address = tuple[socket.AddressFamily, str, int]
+# How long a host name's addresses are reused for new connections, as aiohttp's cache did.
+DNS_TTL = 10.0
 USER_AGENT = "chatbot-api"
 
 
@@ -383,6 +389,9 @@ class Client:
         self._busy = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._addresses: list[Address] = []
+        self._addresses_until = 0.0
+        self._resolving: asyncio.Future[list[Address]] | None = None
         self.closed = False
 
     def same_origin(self, url: str) -> bool:
@@ -466,25 +475,65 @@ class Client:
         loop = asyncio.get_running_loop()
         if self._tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(self),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl if self._tls else None,
-                    server_hostname=self._host if self._tls else None,
-                )
-        except TimeoutError:
-            raise
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectError(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
+        failure: OSError | None = None
+        protocol: asyncio.BaseProtocol | None = None
+        async with asyncio.timeout(self._connect_timeout):
+            try:
+                addresses = await self._resolve()
+            except OSError as exc:  # socket.gaierror: the name does not resolve
+                raise ConnectError(f"cannot resolve {self._host}: {exc}") from exc
+            for family, host, port in addresses:  # in the resolver's order, the first that works
+                try:
+                    _, protocol = await loop.create_connection(
+                        lambda: _Connection(self),
+                        host,
+                        port,
+                        family=family,
+                        ssl=self._ssl if self._tls else None,
+                        server_hostname=self._host if self._tls else None,
+                    )
+                    break
+                except OSError as exc:  # ssl.SSLError too
+                    failure = exc
+        if protocol is None:
+            raise ConnectError(f"cannot connect to {self._host}:{self._port}: {failure}")
         assert isinstance(protocol, _Connection)
         if self.closed:
             protocol.close()
             raise ConnectError("the client is closed")
         self._all.add(protocol)
         return protocol
+
+    async def _resolve(self) -> list[Address]:
+        """The host's addresses, looked up at most once per `DNS_TTL` however many connections
+        open at once (a burst of streams would otherwise send the resolver a query each)."""
+        loop = asyncio.get_running_loop()
+        if self._addresses and loop.time() < self._addresses_until:
+            return self._addresses
+        try:
+            ip = ipaddress.ip_address(self._host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            return [(family, self._host, self._port)]
+        if self._resolving is None:
+            self._resolving = asyncio.ensure_future(self._lookup())
+            self._resolving.add_done_callback(self._resolved)
+        # Shielded: one caller giving up (its deadline) does not cancel the others' lookup.
+        return await asyncio.shield(self._resolving)
+
+    async def _lookup(self) -> list[Address]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self._host, self._port, type=socket.SOCK_STREAM
+        )
+        return [(family, str(address[0]), int(address[1])) for family, *_, address in infos]
+
+    def _resolved(self, lookup: asyncio.Future[list[Address]]) -> None:
+        self._resolving = None
+        if not lookup.cancelled() and lookup.exception() is None and lookup.result():
+            self._addresses = lookup.result()
+            self._addresses_until = asyncio.get_running_loop().time() + DNS_TTL
 
     def _put_back(self, conn: _Connection) -> None:
         self._busy -= 1

@@ -296,7 +296,7 @@ class TestReuse:
         response.close()
         assert c.connections == 0
         await asyncio.sleep(0.05)
-        assert server.writers[0].is_closing() or server.connections == 1
+        assert server.writers[0].is_closing()  # the server saw the connection end
         await c.aclose()
 
 
